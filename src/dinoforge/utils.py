@@ -1,0 +1,104 @@
+"""Small shared helpers: user-facing errors, progress bars, atomic file writes, device choice."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+class DinoforgeError(Exception):
+    """An error caused by the user's input (missing file, bad config key, wrong weights).
+
+    The CLI prints it as one line, without a traceback.
+    """
+
+
+def progress_enabled() -> bool:
+    """Progress bars are on unless DINOFORGE_NO_PROGRESS is set (tests, CI logs)."""
+    return not os.environ.get("DINOFORGE_NO_PROGRESS")
+
+
+def track(iterable: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+    """Iterate with a rich progress bar (elapsed, ETA) on stderr."""
+    if not progress_enabled():
+        yield from iterable
+        return
+    from rich.console import Console
+    from rich.progress import track as rich_track
+
+    yield from rich_track(
+        iterable, description=description, total=total, console=Console(stderr=True), transient=False
+    )
+
+
+def _atomic_write(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write JSON atomically (temp file + rename) and return the path."""
+    data = json.dumps(obj, indent=2, sort_keys=False, default=_json_default).encode()
+    _atomic_write(Path(path), lambda f: f.write(data + b"\n"))
+    return Path(path)
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """torch.save to a temp file in the same folder, then rename: a crash never leaves a half file."""
+    _atomic_write(Path(path), lambda f: torch.save(obj, f))
+    return Path(path)
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    """'auto' (or None) picks CUDA when present, else CPU; anything else is passed to torch.device."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise DinoforgeError(f"unknown device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DinoforgeError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def require_file(path: str | Path, what: str = "file") -> Path:
+    """Return the path if it exists, else raise a one-line DinoforgeError naming it."""
+    p = Path(path)
+    if not p.exists():
+        raise DinoforgeError(f"{what} not found: {p}")
+    return p
+
+
+def eprint(*args: Any) -> None:
+    print(*args, file=sys.stderr)
