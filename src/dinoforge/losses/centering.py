@@ -1,0 +1,83 @@
+"""Teacher-output centering shared by the DINO and iBOT losses: softmax with an EMA centre, or Sinkhorn-Knopp.
+
+Both reduce across processes only when torch.distributed is initialised, so a single process gives the same
+numbers as a 1-process group (the official iBOT Sinkhorn-Knopp all-reduces unconditionally and fails outside one).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum `t` in place across processes when a process group exists; a no-op otherwise."""
+    if _distributed():
+        dist.all_reduce(t)
+    return t
+
+
+@torch.no_grad()
+def softmax_center(logits: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
+    """Teacher probabilities: subtract the running centre, sharpen by `temp`, softmax over prototypes."""
+    return F.softmax((logits.float() - center) / temp, dim=-1)
+
+
+@torch.no_grad()
+def ema_center(center: torch.Tensor, logits: torch.Tensor, momentum: float) -> torch.Tensor:
+    """New centre = momentum·centre + (1−momentum)·mean of `logits` over every row of every process.
+
+    `logits` is [..., K]; all leading dimensions are averaged (rows of the CLS batch, or all patch tokens).
+    """
+    flat = logits.detach().float().reshape(-1, logits.shape[-1])
+    stats = torch.cat([flat.sum(0), flat.new_tensor([flat.shape[0]])])
+    all_reduce_sum(stats)
+    batch_center = (stats[:-1] / stats[-1].clamp(min=1.0)).reshape(center.shape)
+    return center * momentum + batch_center * (1.0 - momentum)
+
+
+def _logsumexp(x: torch.Tensor, dim: int | None, across_processes: bool) -> torch.Tensor:
+    """log Σ exp(x) over `dim` (all elements when None), optionally over that dim on every process too."""
+    dims = tuple(range(x.dim())) if dim is None else (dim,)
+    peak = x.amax(dim=dims, keepdim=True)
+    if across_processes and _distributed():
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    total = torch.exp(x - peak).sum(dim=dims, keepdim=True)
+    if across_processes:
+        all_reduce_sum(total)
+    return peak + torch.log(total)
+
+
+@torch.no_grad()
+def sinkhorn_knopp(
+    logits: torch.Tensor,
+    temp: float,
+    n_iterations: int = 3,
+    n_samples: torch.Tensor | int | None = None,
+) -> torch.Tensor:
+    """Balanced soft assignment of the B rows of `logits` [B, K] to K prototypes (Caron et al. SwAV).
+
+    Alternates prototype normalisation (mass 1/K each, over all processes) and sample normalisation (1/B each),
+    as the official code, so rows of the result sum to 1 and prototypes approach a uniform share. `n_samples` is
+    the local count of real rows (iBOT passes the number of masked patches); it is summed across processes. The
+    iterations run in the log domain: same result, but large logits/temp cannot overflow or underflow to NaN.
+    """
+    log_q = (logits.float() / temp).t()  # K x B
+    n_proto = log_q.shape[0]
+    local = log_q.shape[1] if n_samples is None else n_samples
+    n_total = torch.as_tensor(local, dtype=torch.float32, device=log_q.device).clone().reshape(())
+    log_b = torch.log(all_reduce_sum(n_total))
+    log_k = math.log(n_proto)
+
+    log_q = log_q - _logsumexp(log_q, None, across_processes=True)
+    for _ in range(n_iterations):
+        log_q = log_q - _logsumexp(log_q, 1, across_processes=True) - log_k
+        log_q = log_q - _logsumexp(log_q, 0, across_processes=False) - log_b
+    return torch.exp(log_q + log_b).t()

@@ -1,0 +1,58 @@
+"""DINO loss on the CLS token: cross-entropy of student crops against the centred, sharpened teacher globals."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dinoforge.losses.centering import ema_center, sinkhorn_knopp, softmax_center
+
+
+class DINOLoss(nn.Module):
+    """Cross-entropy between teacher probabilities and student log-softmax (Caron et al. 2021; DINOv2 §4).
+
+    `forward` sums, over every (student crop, teacher crop) pair it is given, −mean_b Σ_k t·log_softmax(s/T).
+    It does not exclude pairs itself: like the official meta-arch, the caller excludes a global crop from being
+    compared with itself by passing the student's globals [A; B] against the teacher's globals swapped [B; A] as a
+    single pair (then multiplying by 2, since the mean runs over both crops), and the local crops against the list
+    of teacher globals. The caller divides by the number of terms (n_g·(n_g−1) + n_l·n_g).
+    """
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    @torch.no_grad()
+    def softmax_center_teacher(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """Teacher probabilities with the EMA centre subtracted (call `update_center` afterwards)."""
+        return softmax_center(teacher_logits, self.center, teacher_temp)
+
+    @torch.no_grad()
+    def sinkhorn_knopp_teacher(
+        self, teacher_logits: torch.Tensor, teacher_temp: float, n_iterations: int = 3
+    ) -> torch.Tensor:
+        """Teacher probabilities balanced over prototypes by Sinkhorn-Knopp (across all processes)."""
+        return sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations)
+
+    def forward(
+        self,
+        student_output_list: Sequence[torch.Tensor],
+        teacher_out_softmaxed_centered_list: Sequence[torch.Tensor],
+    ) -> torch.Tensor:
+        """Sum over all (student, teacher) pairs of the batch-mean cross-entropy; inputs are [B, K] each."""
+        total = torch.zeros((), device=student_output_list[0].device)
+        for s in student_output_list:
+            log_p = F.log_softmax(s.float() / self.student_temp, dim=-1)
+            for t in teacher_out_softmaxed_centered_list:
+                total = total - (t * log_p).sum(dim=-1).mean()
+        return total
+
+    @torch.no_grad()
+    def update_center(self, teacher_output: torch.Tensor) -> None:
+        """EMA of the teacher logits' batch mean (all-reduced when distributed)."""
+        self.center.copy_(ema_center(self.center, teacher_output, self.center_momentum))

@@ -1,0 +1,28 @@
+"""KoLeo regulariser: spreads the student's L2-normalised CLS features by pushing nearest neighbours apart."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class KoLeoLoss(nn.Module):
+    """Kozachenko-Leonenko entropy estimate (Sablayrolles et al. 2019): −mean_i log(‖x_i − x_nn(i)‖ + eps).
+
+    With a batch of one there is no neighbour: the loss is 0 (still connected to the graph), where the official
+    code takes the sample as its own neighbour and returns a spurious −log(eps·√D) (inf once eps underflows).
+    """
+
+    def forward(self, student_output: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+        """student_output: [B, D] features of one crop set (not two views of the same images)."""
+        x = F.normalize(student_output.float(), p=2, dim=-1, eps=eps)
+        n = x.shape[0]
+        if n < 2:
+            return x.sum() * 0.0
+        with torch.no_grad():
+            dots = x @ x.t()
+            dots.fill_diagonal_(-2.0)  # below any cosine, so a sample is never its own neighbour
+            nn_index = dots.argmax(dim=1)
+        dist = F.pairwise_distance(x, x[nn_index], p=2, eps=eps)
+        return -torch.log(dist + eps).mean()
