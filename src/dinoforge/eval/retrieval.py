@@ -1,8 +1,162 @@
-"""Evaluation: retrieval (in progress)."""
+"""Instance retrieval: revisited Oxford/Paris mAP (Easy/Medium/Hard) and generic retrieval on labelled images.
 
-from dinoforge.utils import DinoforgeError
+Ground-truth file (JSON), the revisitop `gnd` data written as plain JSON::
+
+    {"query": ["q0.jpg", ...],           # query image paths, relative to the images root
+     "db":    ["d0.jpg", ...],           # database image paths, relative to the images root
+     "gnd":   [{"easy": [0, 5], "hard": [7], "junk": [2]}, ...]}   # per query: database indices
+
+Protocols (Radenović et al., CVPR 2018): Easy ranks easy positives and ignores hard + junk; Medium ranks
+easy + hard positives and ignores junk; Hard ranks hard positives and ignores easy + junk. Ignored images
+are removed from the ranking before AP is computed; queries with no positive are skipped. AP uses the
+revisitop trapezoidal rule: sum over positives j (0-based, at rank r after removal) of
+(j / r + (j + 1) / (r + 1)) / 2 / n_positives, with j / r taken as 1 when r = 0.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import typer
+
+from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, WeightsOpt
+from dinoforge.utils import DinoforgeError, require_file, write_json
+
+PROTOCOLS = {
+    "easy": (("easy",), ("junk", "hard")),
+    "medium": (("easy", "hard"), ("junk",)),
+    "hard": (("hard",), ("junk", "easy")),
+}
 
 
-def retrieval_command() -> None:
-    """retrieval evaluation (in progress)."""
-    raise DinoforgeError("eval retrieval: not implemented yet")
+def rank_database(query_feats: torch.Tensor, db_feats: torch.Tensor, chunk_size: int = 1024) -> np.ndarray:
+    """Database indices sorted by decreasing cosine similarity, one row per query."""
+    db = F.normalize(db_feats.float(), dim=1)
+    rows = []
+    for start in range(0, len(query_feats), chunk_size):
+        q = F.normalize(query_feats[start : start + chunk_size].float(), dim=1)
+        rows.append(torch.argsort(q @ db.T, dim=1, descending=True, stable=True).cpu().numpy())
+    return np.concatenate(rows) if rows else np.zeros((0, len(db_feats)), dtype=np.int64)
+
+
+def revisitop_ap(ranking: np.ndarray, positives: Sequence[int], junk: Sequence[int]) -> float:
+    """Average precision of one ranked database list, positives scored, junk removed (trapezoidal rule)."""
+    pos = np.isin(ranking, np.asarray(positives, dtype=np.int64))
+    keep = ~np.isin(ranking, np.asarray(junk, dtype=np.int64))
+    ranks = np.flatnonzero(pos[keep])
+    n = len(positives)
+    j = np.arange(len(ranks))
+    prec0 = np.where(ranks == 0, 1.0, j / np.maximum(ranks, 1))
+    prec1 = (j + 1) / (ranks + 1)
+    return float(((prec0 + prec1) / 2).sum() / n)
+
+
+def revisitop_map(
+    ranks: np.ndarray, gnd: Sequence[dict], protocols: Sequence[str] = ("easy", "medium", "hard")
+) -> dict:
+    """mAP (percent) and per-query AP under each revisited protocol; queries without positives are skipped."""
+    if len(ranks) != len(gnd):
+        raise DinoforgeError(f"{len(ranks)} ranked queries but {len(gnd)} ground-truth entries")
+    out = {}
+    for name in protocols:
+        ok_keys, junk_keys = PROTOCOLS[name]
+        aps = []
+        for row, g in zip(ranks, gnd, strict=True):
+            ok = [i for key in ok_keys for i in g.get(key, [])]
+            if not ok:
+                aps.append(None)
+                continue
+            aps.append(revisitop_ap(row, ok, [i for key in junk_keys for i in g.get(key, [])]))
+        valid = [a for a in aps if a is not None]
+        out[name] = {"mAP": 100.0 * float(np.mean(valid)) if valid else float("nan"), "ap": aps}
+    return out
+
+
+def labelled_retrieval(feats: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict:
+    """Each image queries all others: mAP (standard AP), recall@k (a same-label image in the top k), %."""
+    labels = labels.cpu().numpy()
+    ranks = rank_database(feats, feats)
+    aps, hits = [], {k: [] for k in ks}
+    for i, row in enumerate(ranks):
+        row = row[row != i]
+        rel = labels[row] == labels[i]
+        if not rel.any():
+            continue
+        cum = np.cumsum(rel)
+        aps.append(float((cum[rel] / (np.flatnonzero(rel) + 1)).mean()))
+        for k in ks:
+            hits[k].append(bool(rel[:k].any()))
+    if not aps:
+        raise DinoforgeError("no query has another image with the same label")
+    res = {"mAP": 100.0 * float(np.mean(aps)), "n_queries": len(aps)}
+    res.update({f"recall@{k}": 100.0 * float(np.mean(hits[k])) for k in ks})
+    return res
+
+
+def load_ground_truth(path: str | Path) -> dict:
+    """Read and check a ground-truth JSON in the format of this module's docstring."""
+    data = json.loads(require_file(path, "ground-truth file").read_text())
+    for key in ("query", "db", "gnd"):
+        if key not in data:
+            raise DinoforgeError(f"{path}: missing key {key!r} (expected query, db, gnd)")
+    if len(data["gnd"]) != len(data["query"]):
+        raise DinoforgeError(f"{path}: {len(data['query'])} queries but {len(data['gnd'])} gnd entries")
+    n_db = len(data["db"])
+    for q, g in enumerate(data["gnd"]):
+        for key in ("easy", "hard", "junk"):
+            bad = [i for i in g.get(key, []) if not 0 <= int(i) < n_db]
+            if bad:
+                raise DinoforgeError(f"{path}: query {q} {key} indices out of range: {bad[:5]}")
+    return data
+
+
+def retrieval_command(
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    gnd: Path | None = typer.Option(None, "--gnd", help="Ground-truth JSON (query, db, gnd; see docs)."),
+    images: Path | None = typer.Option(None, "--images", help="Root folder of the --gnd image paths."),
+    data: str = typer.Option(
+        "bundled:val", "--data", help="Labelled images for generic retrieval (no --gnd)."
+    ),
+    out: OutOpt = Path("runs/eval_retrieval"),
+    image_size: int = typer.Option(224, "--image-size", help="Eval resize/crop side (pixels)."),
+    batch_size: BatchOpt = 64,
+    device: DeviceOpt = "auto",
+    cache: bool = typer.Option(True, help="Reuse cached features of the same backbone + data + transform."),
+) -> None:
+    """Instance retrieval on frozen CLS features: revisited Oxford/Paris mAP or labelled mAP/recall@k.
+
+    With --gnd: Easy/Medium/Hard mAP; otherwise every --data image queries the others. Writes metrics.json.
+    """
+    from dinoforge.eval.features import features_from_opts, path_list_features
+
+    if gnd is not None:
+        gt = load_ground_truth(gnd)
+        root = require_file(images or Path(gnd).parent, "images folder")
+        q, db = path_list_features(
+            model,
+            weights,
+            [[root / p for p in gt["query"]], [root / p for p in gt["db"]]],
+            out,
+            batch_size,
+            device,
+            image_size,
+            cache,
+        )
+        metrics = revisitop_map(rank_database(torch.from_numpy(q), torch.from_numpy(db)), gt["gnd"])
+        summary = {k: v["mAP"] for k, v in metrics.items()}
+        metrics = {"protocols": metrics, "mAP": summary, "n_queries": len(gt["query"]), "n_db": len(gt["db"])}
+        line = "  ".join(f"{k} mAP {v:.2f}" for k, v in summary.items())
+    else:
+        (feats,) = features_from_opts(model, weights, [data], out, batch_size, device, image_size, cache)
+        metrics = labelled_retrieval(torch.from_numpy(feats["cls"][:, -1]), torch.from_numpy(feats["labels"]))
+        metrics["data"] = data
+        line = "  ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k not in ("data", "n_queries"))
+    write_json(Path(out) / "metrics.json", metrics)
+    print(line)
+    print(out)
