@@ -1,4 +1,4 @@
-"""DINO / iBOT / KoLeo losses and teacher centering vs numpy references and the official dinov2.loss classes."""
+"""DINO / iBOT / KoLeo losses and teacher centering vs numpy references and the official dinov2.loss."""
 
 import socket
 

@@ -1,7 +1,8 @@
 """Teacher-output centering shared by the DINO and iBOT losses: softmax with an EMA centre, or Sinkhorn-Knopp.
 
-Both reduce across processes only when torch.distributed is initialised, so a single process gives the same
-numbers as a 1-process group (the official iBOT Sinkhorn-Knopp all-reduces unconditionally and fails outside one).
+Both reduce across processes only when torch.distributed is initialised, so a single process gives the
+same numbers as a 1-process group (the official iBOT Sinkhorn-Knopp all-reduces unconditionally and fails
+outside one).
 """
 
 from __future__ import annotations
@@ -64,10 +65,11 @@ def sinkhorn_knopp(
 ) -> torch.Tensor:
     """Balanced soft assignment of the B rows of `logits` [B, K] to K prototypes (Caron et al. SwAV).
 
-    Alternates prototype normalisation (mass 1/K each, over all processes) and sample normalisation (1/B each),
-    as the official code, so rows of the result sum to 1 and prototypes approach a uniform share. `n_samples` is
-    the local count of real rows (iBOT passes the number of masked patches); it is summed across processes. The
-    iterations run in the log domain: same result, but large logits/temp cannot overflow or underflow to NaN.
+    Alternates prototype normalisation (mass 1/K each, over all processes) and sample normalisation (1/B
+    each), as the official code, so rows of the result sum to 1 and prototypes approach a uniform share.
+    `n_samples` is the local count of real rows (iBOT passes the number of masked patches); it is summed
+    across processes. The iterations run in the log domain: same result, but large logits/temp cannot
+    overflow or underflow to NaN.
     """
     log_q = (logits.float() / temp).t()  # K x B
     n_proto = log_q.shape[0]

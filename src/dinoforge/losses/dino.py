@@ -1,4 +1,4 @@
-"""DINO loss on the CLS token: cross-entropy of student crops against the centred, sharpened teacher globals."""
+"""DINO loss on the CLS token: cross-entropy of student crops against the centred, sharpened teacher."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ class DINOLoss(nn.Module):
     """Cross-entropy between teacher probabilities and student log-softmax (Caron et al. 2021; DINOv2 §4).
 
     `forward` sums, over every (student crop, teacher crop) pair it is given, −mean_b Σ_k t·log_softmax(s/T).
-    It does not exclude pairs itself: like the official meta-arch, the caller excludes a global crop from being
-    compared with itself by passing the student's globals [A; B] against the teacher's globals swapped [B; A] as a
-    single pair (then multiplying by 2, since the mean runs over both crops), and the local crops against the list
-    of teacher globals. The caller divides by the number of terms (n_g·(n_g−1) + n_l·n_g).
+    It does not exclude pairs itself: like the official meta-arch, the caller keeps a global crop from being
+    compared with itself by passing the student's globals [A; B] against the teacher's globals swapped [B; A]
+    as a single pair (then multiplying by 2, since the mean runs over both crops), and the local crops against
+    the list of teacher globals. The caller divides by the number of terms (n_g·(n_g−1) + n_l·n_g).
     """
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:

@@ -32,8 +32,8 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 - official name, so configs and ca
         n_masked_patches_tensor: torch.Tensor | int,
         n_iterations: int = 3,
     ) -> torch.Tensor:
-        """Sinkhorn-Knopp over the masked patches [M, K]; the sample count is summed across processes only when
-        torch.distributed is initialised (the caller's tensor is not modified)."""
+        """Sinkhorn-Knopp over the masked patches [M, K]; the sample count is summed across processes only
+        when torch.distributed is initialised (the caller's tensor is not modified)."""
         return sinkhorn_knopp(teacher_output, teacher_temp, n_iterations, n_samples=n_masked_patches_tensor)
 
     def forward(
@@ -43,7 +43,8 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 - official name, so configs and ca
         student_masks_flat: torch.Tensor,
     ) -> torch.Tensor:
         """Dense variant on [B, N, K] tokens: per-image mean over masked patches, then mean over images."""
-        ce = (teacher_patch_tokens * F.log_softmax(student_patch_tokens.float() / self.student_temp, dim=-1)).sum(-1)
+        log_p = F.log_softmax(student_patch_tokens.float() / self.student_temp, dim=-1)
+        ce = (teacher_patch_tokens * log_p).sum(-1)
         masks = student_masks_flat.float()
         per_image = (ce * masks).sum(-1) / masks.sum(-1).clamp(min=1.0)
         return -per_image.mean()
@@ -56,7 +57,7 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 - official name, so configs and ca
         n_masked_patches: int | None = None,
         masks_weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Loss on the gathered masked tokens [M, K]: −Σ_m w_m·CE_m / B with w_m = 1/(masked count of m's image).
+        """Loss on gathered masked tokens [M, K]: −Σ_m w_m·CE_m / B, w_m = 1/(masked count of m's image).
 
         `student_masks_flat` is the [B, N] bool mask (gives B and, when `masks_weight` is None, the weights);
         `n_masked_patches` truncates padded rows beyond the real masked tokens.
