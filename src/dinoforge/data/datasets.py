@@ -1,11 +1,47 @@
-"""Datasets: the bundled Fashion-MNIST subset (more pieces follow)."""
+"""Datasets: image folders, file lists (.txt/.csv/.jsonl), the bundled Fashion-MNIST subset, sample photos.
+
+Every dataset returns `(image, label, index)` with label -1 when unknown, or None for an unreadable image so
+that one corrupt file never stops a run (`collate_skip_none` drops those samples from a batch).
+"""
 
 from __future__ import annotations
 
 import gzip
+import json
+import warnings
+from collections.abc import Callable, Sequence
+from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset, default_collate
+
+from dinoforge.utils import DinoforgeError
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+MANIFEST_EXTENSIONS: frozenset[str] = frozenset({".txt", ".csv", ".jsonl"})
+BUNDLED_NPZ = Path(__file__).resolve().parent / "bundled" / "fashion_mnist_subset.npz"
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES: tuple[str, ...] = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+
+Transform = Callable[[Image.Image], Any] | None
+
+
+class CorruptImageError(DinoforgeError):
+    """An image file that cannot be opened or decoded (truncated, not an image, missing)."""
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -16,3 +52,278 @@ def read_idx(path: str | Path) -> np.ndarray:
     ndim = data[3]
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def is_image_file(path: str | Path) -> bool:
+    """True when the file name has an image extension (case-insensitive)."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _scan(root: Path) -> tuple[list[Path], list[Path]]:
+    """All files under root, split into (images, other files); hidden files and folders are ignored."""
+    images, others = [], []
+    for p in sorted(root.rglob("*")):
+        if any(part.startswith(".") for part in p.relative_to(root).parts) or not p.is_file():
+            continue
+        (images if is_image_file(p) else others).append(p)
+    return images, others
+
+
+def list_images(root: str | Path) -> list[Path]:
+    """Image files under `root`, recursively, in sorted order."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DinoforgeError(f"image folder not found: {root}")
+    return _scan(root)[0]
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image as 8-bit RGB (grey, 16-bit, RGBA and palette images converted).
+
+    Raises CorruptImageError naming the file when it is missing, truncated or not an image."""
+    try:
+        with Image.open(path) as im, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's palette-transparency and EXIF warnings
+            im.load()
+            if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+                a = np.asarray(im, dtype=np.float64)
+                lo, hi = float(a.min()), float(a.max())
+                a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
+                im = Image.fromarray(a.round().astype(np.uint8))
+            if im.mode == "P" and "transparency" in im.info:
+                im = im.convert("RGBA")
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise CorruptImageError(f"cannot read image {path}: {e}") from None
+
+
+class _PathDataset(Dataset):
+    """Images given by paths and integer labels; corrupt images come back as None."""
+
+    def __init__(self, paths: Sequence[Path], labels: Sequence[int], transform: Transform = None) -> None:
+        self.paths: list[Path] = list(paths)
+        self.labels: np.ndarray = np.asarray(labels, dtype=np.int64).reshape(len(self.paths))
+        self.transform = transform
+        self.classes: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            img = load_image(self.paths[index])
+        except CorruptImageError:
+            return None
+        return (self.transform(img) if self.transform else img), int(self.labels[index]), index
+
+    def item_name(self, index: int) -> str:
+        """A human-readable name of item `index` (its path) for file lists and reports."""
+        return str(self.paths[index])
+
+
+class ImageFolderDataset(_PathDataset):
+    """A recursive image folder. When the root holds only sub-folders, each sub-folder is a class
+    (ImageNet/ImageFolder layout) and `.classes`/`.labels` are set; otherwise every label is -1.
+
+    `.ignored` lists files without an image extension (reported, never loaded)."""
+
+    def __init__(self, root: str | Path, transform: Transform = None) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DinoforgeError(f"image folder not found: {self.root}")
+        paths, self.ignored = _scan(self.root)
+        classes = sorted({p.relative_to(self.root).parts[0] for p in paths if p.parent != self.root})
+        if classes and all(p.parent != self.root for p in paths):
+            index = {c: i for i, c in enumerate(classes)}
+            labels = [index[p.relative_to(self.root).parts[0]] for p in paths]
+        else:
+            classes, labels = [], [-1] * len(paths)
+        super().__init__(paths, labels, transform)
+        self.classes = classes
+
+
+def _parse_label(raw: Any) -> int | str:
+    if isinstance(raw, bool):
+        raise ValueError(f"label must be an integer or a class name, got {raw!r}")
+    if isinstance(raw, int):
+        return raw
+    s = str(raw).strip()
+    try:
+        return int(s)
+    except ValueError:
+        return s
+
+
+class FileListDataset(_PathDataset):
+    """Images listed in a manifest. `.txt`/`.csv`: one path per line with an optional label after a tab or
+    comma; `.jsonl`: objects with "path", optional "label" and any provenance fields (kept in `.records`).
+
+    Relative paths resolve against the manifest's folder. Labels are integers, or class names that are
+    mapped to indices in sorted order (then `.classes` holds the names)."""
+
+    def __init__(self, manifest: str | Path, transform: Transform = None) -> None:
+        self.manifest = Path(manifest)
+        if not self.manifest.is_file():
+            raise DinoforgeError(f"file list not found: {self.manifest}")
+        suffix = self.manifest.suffix.lower()
+        if suffix not in MANIFEST_EXTENSIONS:
+            raise DinoforgeError(f"unsupported file list {self.manifest}: use .txt, .csv or .jsonl")
+        self.records: list[dict[str, Any]] = (
+            self._read_jsonl() if suffix == ".jsonl" else self._read_lines(suffix == ".csv")
+        )
+        base = self.manifest.parent
+        paths = [Path(r["path"]) if Path(r["path"]).is_absolute() else base / r["path"] for r in self.records]
+        raw = [r.get("label") for r in self.records]
+        named = sorted({x for x in raw if isinstance(x, str)})
+        if named and any(isinstance(x, int) for x in raw):
+            raise DinoforgeError(f"{self.manifest}: mixes integer labels and class names")
+        index = {c: i for i, c in enumerate(named)}
+        labels = [-1 if x is None else index[x] if isinstance(x, str) else x for x in raw]
+        super().__init__(paths, labels, transform)
+        self.classes = named
+
+    def _read_lines(self, csv: bool) -> list[dict[str, Any]]:
+        records = []
+        for lineno, line in enumerate(self.manifest.read_text().splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if "\t" in line:
+                path, _, label = line.partition("\t")
+            elif "," in line:
+                path, _, label = line.rpartition(",")
+            else:
+                path, label = line, ""
+            path, label = path.strip(), label.strip()
+            if csv and lineno == 1 and path.lower() in ("path", "file", "filename", "image"):
+                continue  # header row
+            records.append({"path": path} | ({"label": _parse_label(label)} if label else {}))
+        return records
+
+    def _read_jsonl(self) -> list[dict[str, Any]]:
+        records = []
+        for lineno, line in enumerate(self.manifest.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DinoforgeError(f"{self.manifest}:{lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or "path" not in rec:
+                raise DinoforgeError(f'{self.manifest}:{lineno}: each line needs an object with a "path"')
+            if rec.get("label") is not None:
+                try:
+                    rec["label"] = _parse_label(rec["label"])
+                except ValueError as e:
+                    raise DinoforgeError(f"{self.manifest}:{lineno}: {e}") from None
+            records.append(rec)
+        return records
+
+
+@lru_cache(maxsize=4)
+def _load_fashion_mnist(split: str, full: bool) -> tuple[np.ndarray, np.ndarray]:
+    if not full:
+        with np.load(BUNDLED_NPZ) as z:
+            return z[f"{split}_images"], z[f"{split}_labels"].astype(np.int64)
+    prefix = "train" if split == "train" else "t10k"
+    img = FASHION_MNIST_DIR / f"{prefix}-images-idx3-ubyte.gz"
+    lab = FASHION_MNIST_DIR / f"{prefix}-labels-idx1-ubyte.gz"
+    if not (img.is_file() and lab.is_file()):
+        raise DinoforgeError(
+            f"full Fashion-MNIST not found in {FASHION_MNIST_DIR}: install the Debian package "
+            "dataset-fashion-mnist, or use the bundled subset ('bundled')"
+        )
+    return read_idx(img), read_idx(lab).astype(np.int64)
+
+
+class BundledDataset(Dataset):
+    """Fashion-MNIST as RGB PIL images: the bundled class-balanced subset (10k train / 2k val), or with
+    `full=True` the 60k/10k set from the Debian package. The 28 px images are placed on a black canvas of
+    `size` px (28→32 by default, so a patch-4 ViT sees an 8×8 grid; larger sizes upscale the same layout)."""
+
+    classes: list[str] = list(FASHION_MNIST_CLASSES)
+
+    def __init__(self, split: str = "train", transform: Transform = None, size: int = 32, full: bool = False):
+        if split not in ("train", "val"):
+            raise DinoforgeError(f"split must be 'train' or 'val', got {split!r}")
+        if size < 8:
+            raise DinoforgeError(f"size must be at least 8 px, got {size}")
+        self.split, self.transform, self.size, self.full = split, transform, size, full
+        self.images, self.labels = _load_fashion_mnist(split, full)
+        self._inner = max(1, round(size * 28 / 32)) if size != 28 else 28
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def pil(self, index: int) -> Image.Image:
+        """Item `index` as an RGB PIL image of `size` px."""
+        img = Image.fromarray(self.images[index])
+        if self._inner != 28:
+            img = img.resize((self._inner, self._inner), Image.BICUBIC)
+        canvas = Image.new("L", (self.size, self.size))
+        off = (self.size - self._inner) // 2
+        canvas.paste(img, (off, off))
+        return canvas.convert("RGB")
+
+    def __getitem__(self, index: int):
+        img = self.pil(index)
+        return (self.transform(img) if self.transform else img), int(self.labels[index]), index
+
+    def item_name(self, index: int) -> str:
+        """A stable name for item `index`, e.g. `bundled:val/17`."""
+        return f"{'bundled-full' if self.full else 'bundled'}:{self.split}/{index}"
+
+
+def collate_skip_none(batch: list) -> Any:
+    """Default-collate the samples that are not None (corrupt images); None when every sample was.
+
+    The third field of the result holds the dataset indices that came back, so a caller can tell which
+    indices of its request were skipped."""
+    kept = [b for b in batch if b is not None]
+    return default_collate(kept) if kept else None
+
+
+def build_dataset(
+    spec: str | Path, transform: Transform = None, split: str = "train", size: int = 32
+) -> Dataset:
+    """Dataset from a spec: `bundled[:train|:val]`, `bundled-full[:split]`, an image folder (its `split`
+    sub-folder when it has one) or a `.txt`/`.csv`/`.jsonl` manifest. `size` applies to the bundled set."""
+    s = str(spec)
+    name, _, sub = s.partition(":")
+    if name in ("bundled", "bundled-full") and not Path(s).exists():
+        return BundledDataset(sub or split, transform=transform, size=size, full=name == "bundled-full")
+    p = Path(s)
+    if p.is_dir():
+        return ImageFolderDataset(p / split if (p / split).is_dir() else p, transform)
+    if p.is_file():
+        if p.suffix.lower() in MANIFEST_EXTENSIONS:
+            return FileListDataset(p, transform)
+        raise DinoforgeError(f"not an image folder or a .txt/.csv/.jsonl file list: {p}")
+    raise DinoforgeError(f"data not found: {p} (give a folder, a file list, or 'bundled[:train|:val]')")
+
+
+SAMPLE_PHOTOS: tuple[str, ...] = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "motorcycle_left",
+    "motorcycle_right",
+)
+
+
+def load_sample_photos(names: Sequence[str] | None = None) -> dict[str, Image.Image]:
+    """scikit-image's public-domain/CC0 colour photos (shipped in its wheel, no network) as RGB PIL images."""
+    from skimage import data
+
+    out: dict[str, Image.Image] = {}
+    for name in names or SAMPLE_PHOTOS:
+        if name in ("motorcycle_left", "motorcycle_right"):
+            left, right, _ = data.stereo_motorcycle()
+            arr = left if name == "motorcycle_left" else right
+        elif name in SAMPLE_PHOTOS:
+            arr = getattr(data, name)()
+        else:
+            raise DinoforgeError(f"unknown sample photo {name!r}; choose from {', '.join(SAMPLE_PHOTOS)}")
+        out[name] = Image.fromarray(arr).convert("RGB")
+    return out

@@ -1,0 +1,75 @@
+"""Eval transforms: the official resize/centre-crop recipe and an aspect-keeping, patch-aligned variant."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+
+from dinoforge.utils import DinoforgeError
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+def normalize_transform(
+    mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> transforms.Compose:
+    """PIL image → float tensor in [0, 1] → normalised with ImageNet statistics."""
+    return transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean=mean, std=std)])
+
+
+def eval_transform(resize: int = 256, crop: int = 224) -> transforms.Compose:
+    """The official classification eval transform: bicubic shorter-side resize, centre crop, normalise."""
+    return transforms.Compose(
+        [
+            transforms.Resize(resize, interpolation=InterpolationMode.BICUBIC),
+            transforms.CenterCrop(crop),
+            normalize_transform(),
+        ]
+    )
+
+
+class PatchAlignedResize:
+    """Resize the shorter side to `size` (bicubic, aspect kept), then centre-crop or zero-pad both sides to a
+    multiple of `patch_size`, so a ViT sees the whole image at its native aspect ratio."""
+
+    def __init__(self, size: int, patch_size: int = 14, mode: str = "crop") -> None:
+        if mode not in ("crop", "pad"):
+            raise DinoforgeError(f"mode must be 'crop' or 'pad', got {mode!r}")
+        if size < patch_size:
+            raise DinoforgeError(f"size {size} is smaller than the patch size {patch_size}")
+        self.size, self.patch_size, self.mode = size, patch_size, mode
+        self._resize = transforms.Resize(size, interpolation=InterpolationMode.BICUBIC)
+        self._to_tensor = normalize_transform()
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        x = self._to_tensor(self._resize(img))
+        h, w = x.shape[-2:]
+        p = self.patch_size
+        if self.mode == "crop":
+            th, tw = h // p * p, w // p * p
+            top, left = (h - th) // 2, (w - tw) // 2
+            return x[..., top : top + th, left : left + tw]
+        ph, pw = -h % p, -w % p
+        # zero after normalisation is the mean colour, the most neutral padding for the network
+        return F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+
+    def __repr__(self) -> str:
+        return f"PatchAlignedResize(size={self.size}, patch_size={self.patch_size}, mode={self.mode!r})"
+
+
+def eval_transform_size(size: int, patch_size: int = 14, mode: str = "crop") -> PatchAlignedResize:
+    """Aspect-keeping eval transform: shorter side → `size`, then crop (or pad) to patch multiples."""
+    return PatchAlignedResize(size, patch_size, mode)
+
+
+def denormalize(x: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+    """Undo the ImageNet normalisation of a [3,H,W] or [B,3,H,W] tensor; returns values clipped to [0, 1]."""
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return (x * s + m).clamp(0, 1)
