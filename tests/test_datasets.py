@@ -1,4 +1,4 @@
-"""Datasets: folder scanning, image decoding, manifests, the bundled set (vs the Debian idx files), collation."""
+"""Datasets: folder scanning, decoding, manifests, the bundled set (vs the Debian idx files), collation."""
 
 import json
 

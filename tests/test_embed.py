@@ -1,4 +1,4 @@
-"""Feature extraction vs a direct forward pass of the official dinov2 backbone; corrupt files; the embed CLI."""
+"""Feature extraction vs a direct forward of the official dinov2 backbone; corrupt files; the embed CLI."""
 
 import json
 
@@ -20,7 +20,13 @@ def _official_tiny(patch=4, img_size=32):
 
     torch.manual_seed(0)
     m = DinoVisionTransformer(
-        img_size=img_size, patch_size=patch, embed_dim=64, depth=2, num_heads=2, init_values=0.5, block_chunks=0
+        img_size=img_size,
+        patch_size=patch,
+        embed_dim=64,
+        depth=2,
+        num_heads=2,
+        init_values=0.5,
+        block_chunks=0,
     )
     with torch.no_grad():
         m.cls_token.normal_()
