@@ -1,0 +1,107 @@
+"""DINOv2 multi-crop augmentation: two global and N local crops, the paper's colour/blur/solarize recipe."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from dinoforge.data.transforms import normalize_transform
+
+
+class RandomGaussianBlur:
+    """With probability `p`, Gaussian-blur a PIL image with sigma ~ U(radius_min, radius_max).
+
+    The kernel is 9 pixels as official (odd `kernel_size`), capped at 2·min(side)−1 so that it stays valid
+    on tiny crops.
+    """
+
+    def __init__(
+        self, p: float, radius_min: float = 0.1, radius_max: float = 2.0, kernel_size: int = 9
+    ) -> None:
+        self.p = p
+        self.radius_min, self.radius_max = radius_min, radius_max
+        self.kernel_size = kernel_size
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if self.p <= 0 or torch.rand(()).item() >= self.p:
+            return img
+        sigma = torch.empty(()).uniform_(self.radius_min, self.radius_max).item()
+        kernel = min(self.kernel_size, 2 * min(img.size) - 1)
+        return TF.gaussian_blur(img, [kernel, kernel], [sigma, sigma])
+
+    def __repr__(self) -> str:
+        return f"RandomGaussianBlur(p={self.p}, sigma=({self.radius_min}, {self.radius_max}))"
+
+
+class DataAugmentationDINO:
+    """PIL image → {global_crops: [2], global_crops_teacher: [same 2], local_crops: [N], offsets: ()}.
+
+    Random-resized crops (bicubic) and flips, colour jitter (0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale p 0.2,
+    Gaussian blur with p 1.0 / 0.1 / 0.5 on global crop 1 / global crop 2 / local crops (the paper's
+    intention), solarize p 0.2 on global crop 2, ImageNet normalisation. `official_blur=True` reproduces the
+    official code, whose blur applies with 1 − p (effective 0.0 / 0.9 / 0.5).
+    """
+
+    def __init__(
+        self,
+        global_crops_scale: tuple[float, float] = (0.32, 1.0),
+        local_crops_scale: tuple[float, float] = (0.05, 0.32),
+        local_crops_number: int = 8,
+        global_crops_size: int = 224,
+        local_crops_size: int = 96,
+        official_blur: bool = False,
+    ) -> None:
+        self.local_crops_number = local_crops_number
+        self.official_blur = official_blur
+
+        def geometric(size: int, scale: tuple[float, float]) -> transforms.Compose:
+            return transforms.Compose(
+                [
+                    transforms.RandomResizedCrop(
+                        size, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC
+                    ),
+                    transforms.RandomHorizontalFlip(p=0.5),
+                ]
+            )
+
+        def blur(p: float) -> RandomGaussianBlur:
+            return RandomGaussianBlur(p=1.0 - p if official_blur else p)
+
+        self.geometric_global = geometric(global_crops_size, global_crops_scale)
+        self.geometric_local = geometric(local_crops_size, local_crops_scale)
+        colour = transforms.Compose(
+            [
+                transforms.RandomApply(
+                    [transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8
+                ),
+                transforms.RandomGrayscale(p=0.2),
+            ]
+        )
+        self.blur_global1, self.blur_global2, self.blur_local = blur(1.0), blur(0.1), blur(0.5)
+        self.solarize_global2 = transforms.RandomSolarize(threshold=128, p=0.2)
+        normalize = normalize_transform()
+        self.global_transfo1 = transforms.Compose([colour, self.blur_global1, normalize])
+        self.global_transfo2 = transforms.Compose(
+            [colour, self.blur_global2, self.solarize_global2, normalize]
+        )
+        self.local_transfo = transforms.Compose([colour, self.blur_local, normalize])
+
+    def __call__(self, image: Image.Image) -> dict[str, object]:
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        global_crops = [
+            self.global_transfo1(self.geometric_global(image)),
+            self.global_transfo2(self.geometric_global(image)),
+        ]
+        local_crops = [
+            self.local_transfo(self.geometric_local(image)) for _ in range(self.local_crops_number)
+        ]
+        return {
+            "global_crops": global_crops,
+            "global_crops_teacher": global_crops,
+            "local_crops": local_crops,
+            "offsets": (),
+        }

@@ -1,0 +1,118 @@
+"""Multi-crop augmentation: output layout, blur/solarize/grayscale rates measured over many draws in both blur
+modes, the official DataAugmentationDINO's measured (inverted) blur rates, and tiny crops."""
+
+import numpy as np
+import pytest
+import torch
+from dinov2.data.augmentations import DataAugmentationDINO as OfficialAugmentation
+from PIL import Image
+from torchvision.transforms import functional as TF
+
+from dinoforge.data.augment import DataAugmentationDINO
+from dinoforge.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+N_DRAWS = 300
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny per-image ops: threads only add contention on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _image(size: int = 48) -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Record the side length of every image that gets blurred or solarized."""
+    seen = {"blur": [], "solarize": []}
+    blur, solarize = TF.gaussian_blur, TF.solarize
+
+    def counting_blur(img, *args, **kwargs):
+        seen["blur"].append(TF.get_image_size(img)[0])
+        return blur(img, *args, **kwargs)
+
+    def counting_solarize(img, *args, **kwargs):
+        seen["solarize"].append(TF.get_image_size(img)[0])
+        return solarize(img, *args, **kwargs)
+
+    monkeypatch.setattr(TF, "gaussian_blur", counting_blur)
+    monkeypatch.setattr(TF, "solarize", counting_solarize)
+    return seen
+
+
+def _rates(augment, seen) -> dict[str, float]:
+    """Per-draw rates: blurred global crops (32 px), blurred local crops (16 px, per crop), solarized."""
+    img = _image()
+    for _ in range(N_DRAWS):
+        augment(img)
+    return {
+        "global": seen["blur"].count(32) / N_DRAWS,
+        "local": seen["blur"].count(16) / (2 * N_DRAWS),
+        "solarize": len(seen["solarize"]) / N_DRAWS,
+    }
+
+
+def test_layout():
+    out = DataAugmentationDINO(local_crops_number=3, global_crops_size=32, local_crops_size=16)(_image())
+    assert set(out) == {"global_crops", "global_crops_teacher", "local_crops", "offsets"}
+    assert [t.shape for t in out["global_crops"]] == [(3, 32, 32)] * 2
+    assert [t.shape for t in out["local_crops"]] == [(3, 16, 16)] * 3
+    assert all(a is b for a, b in zip(out["global_crops"], out["global_crops_teacher"], strict=True))
+    assert out["offsets"] == ()
+    assert out["global_crops"][0].dtype == torch.float32
+
+
+def test_intended_blur_rates(calls):
+    aug = DataAugmentationDINO(local_crops_number=2, global_crops_size=32, local_crops_size=16)
+    rates = _rates(aug, calls)
+    # global crop 1 always blurred, global crop 2 with p 0.1: 1.1 blurred global crops per draw
+    assert rates["global"] == pytest.approx(1.1, abs=0.06)
+    assert rates["local"] == pytest.approx(0.5, abs=0.07)
+    assert rates["solarize"] == pytest.approx(0.2, abs=0.07)
+    assert (aug.blur_global1.p, aug.blur_global2.p, aug.blur_local.p) == (1.0, 0.1, 0.5)
+
+
+def test_official_blur_flag_reproduces_the_official_rates(calls):
+    ours = _rates(
+        DataAugmentationDINO(
+            local_crops_number=2, global_crops_size=32, local_crops_size=16, official_blur=True
+        ),
+        calls,
+    )
+    calls["blur"].clear()
+    calls["solarize"].clear()
+    ref = _rates(
+        OfficialAugmentation((0.32, 1.0), (0.05, 0.32), 2, global_crops_size=32, local_crops_size=16), calls
+    )
+    # official: global crop 1 never blurred, global crop 2 blurred with p 0.9
+    assert ref["global"] == pytest.approx(0.9, abs=0.06) and ours["global"] == pytest.approx(0.9, abs=0.06)
+    assert ref["local"] == pytest.approx(0.5, abs=0.07) and ours["local"] == pytest.approx(0.5, abs=0.07)
+    assert abs(ours["solarize"] - ref["solarize"]) < 0.1
+
+
+def test_grayscale_rate():
+    aug = DataAugmentationDINO(local_crops_number=0, global_crops_size=16, local_crops_size=8)
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    img, gray = _image(), 0
+    for _ in range(N_DRAWS):
+        crop = aug(img)["global_crops"][0] * std + mean
+        gray += bool(
+            torch.allclose(crop[0], crop[1], atol=1e-3) and torch.allclose(crop[1], crop[2], atol=1e-3)
+        )
+    assert gray / N_DRAWS == pytest.approx(0.2, abs=0.07)
+
+
+def test_tiny_crops_and_grayscale_input():
+    aug = DataAugmentationDINO(local_crops_number=4, global_crops_size=8, local_crops_size=4)
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (28, 28), dtype=np.uint8))  # mode "L"
+    for _ in range(30):
+        out = aug(img)
+        assert out["local_crops"][0].shape == (3, 4, 4)
+        assert all(torch.isfinite(t).all() for t in out["global_crops"] + out["local_crops"])
