@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import typer
 
 from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, WeightsOpt
+from dinoforge.eval.features import CacheOpt, ImageSizeOpt, TrainDataOpt, ValDataOpt, features_from_opts
 from dinoforge.utils import DinoforgeError, write_json
 
 
@@ -171,10 +172,8 @@ def knn_evaluate(
 def knn_command(
     model: ModelOpt = None,
     weights: WeightsOpt = None,
-    train_data: str = typer.Option(
-        "bundled:train", help="Train images: bundled:train, an ImageFolder tree or a file list."
-    ),
-    val_data: str = typer.Option("bundled:val", help="Test images, same forms as --train-data."),
+    train_data: TrainDataOpt = "bundled:train",
+    val_data: ValDataOpt = "bundled:val",
     out: OutOpt = Path("runs/eval_knn"),
     ks: list[int] = typer.Option(
         [10, 20, 100, 200], "--k", help="Numbers of neighbours (repeat the option)."
@@ -186,17 +185,15 @@ def knn_command(
         [], "--n-per-class", help="Few-shot: train images per class (repeat)."
     ),
     n_tries: int = typer.Option(1, "--n-tries", min=1, help="Random few-shot subsets (seeds) per n."),
-    image_size: int = typer.Option(224, "--image-size", help="Eval resize/crop side (pixels)."),
+    image_size: ImageSizeOpt = None,
     batch_size: BatchOpt = 64,
     device: DeviceOpt = "auto",
-    cache: bool = typer.Option(True, help="Reuse cached features of the same backbone + data + transform."),
+    cache: CacheOpt = True,
 ) -> None:
     """k-NN classification of frozen CLS features (cosine, temperature-weighted vote), top-1/top-5 per k.
 
     Writes metrics.json into --out and prints the folder.
     """
-    from dinoforge.eval.features import features_from_opts
-
     tr, te = features_from_opts(
         model, weights, [train_data, val_data], out, batch_size, device, image_size, cache
     )

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import typer
 
 from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, WeightsOpt
+from dinoforge.eval.features import CacheOpt, ImageSizeOpt, TrainDataOpt, ValDataOpt, features_from_opts
 from dinoforge.utils import DinoforgeError, resolve_device, track, write_json
 
 DEFAULT_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
@@ -149,27 +150,23 @@ def linear_probe(
 def linear_command(
     model: ModelOpt = None,
     weights: WeightsOpt = None,
-    train_data: str = typer.Option(
-        "bundled:train", help="Train images: bundled:train, ImageFolder tree, file list."
-    ),
-    val_data: str = typer.Option("bundled:val", help="Test images, same forms as --train-data."),
+    train_data: TrainDataOpt = "bundled:train",
+    val_data: ValDataOpt = "bundled:val",
     out: OutOpt = Path("runs/eval_linear"),
     epochs: int = typer.Option(10, "--epochs", min=1, help="Passes over the cached train features."),
     head_batch_size: int = typer.Option(256, "--head-batch-size", min=1, help="Features per SGD step."),
     lrs: list[float] = typer.Option(
         list(DEFAULT_LRS), "--lr", help="Learning-rate grid (repeat the option)."
     ),
-    image_size: int = typer.Option(224, "--image-size", help="Eval resize/crop side (pixels)."),
+    image_size: ImageSizeOpt = None,
     batch_size: BatchOpt = 64,
     device: DeviceOpt = "auto",
-    cache: bool = typer.Option(True, help="Reuse cached features of the same backbone + data + transform."),
+    cache: CacheOpt = True,
 ) -> None:
     """Linear probe: heads on last 1/4 blocks' CLS ± avgpooled patches × lr grid; best on a held-out 10%.
 
     Writes metrics.json (best head and every head) into --out and prints the folder.
     """
-    from dinoforge.eval.features import features_from_opts
-
     tr, te = features_from_opts(
         model, weights, [train_data, val_data], out, batch_size, device, image_size, cache, n_last_blocks=4
     )

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import typer
 
 from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, WeightsOpt
+from dinoforge.eval.features import CacheOpt, ImageSizeOpt, TrainDataOpt, ValDataOpt, features_from_opts
 from dinoforge.utils import DinoforgeError, track, write_json
 
 
@@ -127,24 +128,20 @@ def logreg_evaluate(
 def logreg_command(
     model: ModelOpt = None,
     weights: WeightsOpt = None,
-    train_data: str = typer.Option(
-        "bundled:train", help="Train images: bundled:train, ImageFolder tree, file list."
-    ),
-    val_data: str = typer.Option("bundled:val", help="Test images, same forms as --train-data."),
+    train_data: TrainDataOpt = "bundled:train",
+    val_data: ValDataOpt = "bundled:val",
     out: OutOpt = Path("runs/eval_logreg"),
     n_c: int = typer.Option(45, "--n-c", min=1, help="Number of C values, log-spaced in 1e-6 .. 1e5."),
     max_iter: int = typer.Option(1000, "--max-iter", min=1, help="L-BFGS iterations per fit."),
-    image_size: int = typer.Option(224, "--image-size", help="Eval resize/crop side (pixels)."),
+    image_size: ImageSizeOpt = None,
     batch_size: BatchOpt = 64,
     device: DeviceOpt = "auto",
-    cache: bool = typer.Option(True, help="Reuse cached features of the same backbone + data + transform."),
+    cache: CacheOpt = True,
 ) -> None:
     """Logistic regression (L-BFGS) on frozen CLS features, C chosen on a held-out 10% of train.
 
     Writes metrics.json into --out and prints the folder.
     """
-    from dinoforge.eval.features import features_from_opts
-
     tr, te = features_from_opts(
         model, weights, [train_data, val_data], out, batch_size, device, image_size, cache
     )

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import typer
 
 from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, WeightsOpt
+from dinoforge.eval.features import CacheOpt, ImageSizeOpt, features_from_opts, path_list_features
 from dinoforge.utils import DinoforgeError, require_file, write_json
 
 PROTOCOLS = {
@@ -124,17 +125,15 @@ def retrieval_command(
         "bundled:val", "--data", help="Labelled images for generic retrieval (no --gnd)."
     ),
     out: OutOpt = Path("runs/eval_retrieval"),
-    image_size: int = typer.Option(224, "--image-size", help="Eval resize/crop side (pixels)."),
+    image_size: ImageSizeOpt = None,
     batch_size: BatchOpt = 64,
     device: DeviceOpt = "auto",
-    cache: bool = typer.Option(True, help="Reuse cached features of the same backbone + data + transform."),
+    cache: CacheOpt = True,
 ) -> None:
     """Instance retrieval on frozen CLS features: revisited Oxford/Paris mAP or labelled mAP/recall@k.
 
     With --gnd: Easy/Medium/Hard mAP; otherwise every --data image queries the others. Writes metrics.json.
     """
-    from dinoforge.eval.features import features_from_opts, path_list_features
-
     if gnd is not None:
         gt = load_ground_truth(gnd)
         root = require_file(images or Path(gnd).parent, "images folder")
