@@ -36,12 +36,14 @@ def _official_tiny(patch=4, img_size=32):
 
 @pytest.fixture
 def folder(tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
     rng = np.random.default_rng(0)
     for i in range(7):
-        Image.fromarray(rng.integers(0, 256, (40 + i, 36, 3), dtype=np.uint8)).save(tmp_path / f"img{i}.png")
-    (tmp_path / "img3.png").write_bytes(b"garbage")  # corrupt, sorted between img2 and img4
-    (tmp_path / "readme.md").write_text("not an image")
-    return tmp_path
+        Image.fromarray(rng.integers(0, 256, (40 + i, 36, 3), dtype=np.uint8)).save(root / f"img{i}.png")
+    (root / "img3.png").write_bytes(b"garbage")  # corrupt, sorted between img2 and img4
+    (root / "readme.md").write_text("not an image")
+    return root
 
 
 def test_extract_features_matches_direct_forward():
@@ -84,17 +86,33 @@ def test_extract_features_needs_tensors_and_readable_images(folder):
         extract_features(model, ImageFolderDataset(folder / "bad", transform=normalize_transform()))
 
 
-def test_embed_cli_writes_outputs(folder, tmp_path, monkeypatch):
-    """CLI plumbing with the official tiny backbone standing in for load_backbone."""
-    import dinoforge.embed as embed_mod
+def test_embed_cli_writes_outputs(folder, tmp_path):
+    """End to end from saved weights; features compared with the official model on the same weights."""
     from dinoforge.cli import app
+    from dinoforge.models import DinoVisionTransformer
+    from dinoforge.models.weights import save_backbone
 
-    model = _official_tiny()
-    monkeypatch.setattr(embed_mod, "load_model_from_opts", lambda m, w, d: model)
-    out = tmp_path / "out"
-    res = CliRunner().invoke(
-        app, ["embed", "--model", "tiny", "--data", str(folder), "--out", str(out), "--size", "32", "-b", "4"]
+    official = _official_tiny()
+    ours = DinoVisionTransformer(
+        img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, init_values=0.5, block_chunks=0
     )
+    ours.load_state_dict(official.state_dict())
+    weights = save_backbone(ours, tmp_path / "tiny.safetensors")
+    out = tmp_path / "out"
+    args = [
+        "embed",
+        "--weights",
+        str(weights),
+        "--data",
+        str(folder),
+        "--out",
+        str(out),
+        "--size",
+        "32",
+        "-b",
+        "4",
+    ]
+    res = CliRunner().invoke(app, [*args, "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert str(out) in res.output and "skipped 2" in res.output
     feats = np.load(out / "features.npy")
@@ -105,13 +123,25 @@ def test_embed_cli_writes_outputs(folder, tmp_path, monkeypatch):
     meta = json.loads((out / "meta.json").read_text())
     assert meta["num_images"] == 6 and meta["num_corrupt"] == 1 and meta["dim"] == 64
     with torch.no_grad():
-        ref = model(eval_transform_size(32, 4)(Image.open(folder / "img5.png").convert("RGB"))[None])
+        ref = official(eval_transform_size(32, 4)(Image.open(folder / "img5.png").convert("RGB"))[None])
     np.testing.assert_allclose(feats[4], ref[0].numpy(), atol=1e-5, rtol=0)
 
     out2 = tmp_path / "out2"
     res = CliRunner().invoke(
-        app, ["embed", "-m", "tiny", "--data", "bundled:val", "--out", str(out2), "--patch-tokens"]
+        app, ["embed", "-w", str(weights), "--data", "bundled:val", "--out", str(out2), "--patch-tokens"]
     )
     assert res.exit_code == 0, res.output
     assert np.load(out2 / "patch_tokens.npy").shape == (2000, 64, 64)
     assert np.array_equal(np.load(out2 / "labels.npy"), BundledDataset("val").labels)
+    assert (out2 / "files.txt").read_text().splitlines()[:2] == ["bundled:val/0", "bundled:val/1"]
+
+
+def test_embed_cli_errors(tmp_path):
+    from dinoforge.cli import app
+
+    res = CliRunner().invoke(app, ["embed", "--data", "bundled", "--out", str(tmp_path)])
+    assert isinstance(res.exception, DinoforgeError) and "--model" in str(res.exception)
+    res = CliRunner().invoke(
+        app, ["embed", "-m", "dinov2_vits14", "--data", str(tmp_path / "nope"), "--out", str(tmp_path)]
+    )
+    assert isinstance(res.exception, DinoforgeError) and "nope" in str(res.exception)
