@@ -34,6 +34,16 @@ def test_dino_cross_entropy_matches_numpy():
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_swapped_global_pair_equals_the_explicit_cross_view_terms():
+    """The meta-arch convention: student [A; B] vs teacher [B; A] as one pair, ×2, is the sum of the two
+    cross-view terms (A vs teacher B, B vs teacher A): no global crop is compared with itself."""
+    loss = DINOLoss(10)
+    s_a, s_b = torch.randn(4, 10), torch.randn(4, 10)
+    t_a, t_b = torch.softmax(torch.randn(4, 10), -1), torch.softmax(torch.randn(4, 10), -1)
+    swapped = loss([torch.cat((s_a, s_b))], [torch.cat((t_b, t_a))]) * 2
+    torch.testing.assert_close(swapped, loss([s_a], [t_b]) + loss([s_b], [t_a]))
+
+
 def test_dino_centering_sequence_matches_official():
     ours, ref = DINOLoss(32, center_momentum=0.8), official_dino.DINOLoss(32, center_momentum=0.8)
     for _ in range(3):
@@ -174,8 +184,10 @@ def test_koleo_batch_one_is_zero_and_differentiable():
     assert loss.item() == 0.0
     loss.backward()
     assert torch.isfinite(x.grad).all()
-    # the official takes the sample as its own neighbour and returns a spurious −log(eps·√D) ≈ 17
+    # the official takes the sample as its own neighbour: a spurious −log(eps·√D) ≈ 17, inf in fp16
     assert official_koleo.KoLeoLoss()(x.detach()).item() > 15
+    assert torch.isinf(official_koleo.KoLeoLoss()(x.detach().half()))
+    assert KoLeoLoss()(x.detach().half()).item() == 0.0
 
 
 def test_koleo_gradient_spreads_points():

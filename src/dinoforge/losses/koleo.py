@@ -11,7 +11,7 @@ class KoLeoLoss(nn.Module):
     """Kozachenko-Leonenko entropy estimate (Sablayrolles et al. 2019): −mean_i log(‖x_i − x_nn(i)‖ + eps).
 
     With a batch of one there is no neighbour: the loss is 0 (still connected to the graph), where the
-    official code takes the sample as its own neighbour and returns a spurious −log(eps·√D).
+    official code takes the sample as its own neighbour: a spurious −log(eps·√D), inf in fp16.
     """
 
     def forward(self, student_output: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
