@@ -20,13 +20,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import typer
+from PIL import Image
 from torch import nn
 
 from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, WeightsOpt, load_model_from_opts
+from dinoforge.data.datasets import is_image_file, load_image
+from dinoforge.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from dinoforge.utils import DinoforgeError, atomic_torch_save, resolve_device, track, write_json
 
 IGNORE_INDEX = 255
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 # --------------------------------------------------------------------------- data (shared with depth.py)
@@ -41,9 +43,9 @@ def list_pairs(root: str | Path, label_dir: str, label_exts: Sequence[str]) -> l
             raise DinoforgeError(
                 f"expected folder {d} (layout: {root}/images/*.jpg|png and {lab_dir}/<stem>)"
             )
-    images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    images = sorted(p for p in img_dir.iterdir() if is_image_file(p))
     if not images:
-        raise DinoforgeError(f"no images ({', '.join(IMAGE_EXTS)}) in {img_dir}")
+        raise DinoforgeError(f"no images in {img_dir}")
     pairs, missing = [], []
     for img in images:
         label = next(
@@ -64,15 +66,10 @@ def list_pairs(root: str | Path, label_dir: str, label_exts: Sequence[str]) -> l
 
 def image_tensor(path: Path, side: int | None = None) -> torch.Tensor:
     """Load an RGB image as a (3, H, W) ImageNet-normalised float tensor, resized to side x side if given."""
-    from PIL import Image
-
-    from dinoforge.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if side is not None:
-            im = im.resize((side, side), Image.BICUBIC)
-        x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    im = load_image(path)
+    if side is not None:
+        im = im.resize((side, side), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32)[:, None, None]
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32)[:, None, None]
     return (x - mean) / std
@@ -131,8 +128,6 @@ def extract_dense(
 
 def load_mask(path: Path) -> torch.Tensor:
     """A (H, W) int64 class-id map from a single-channel (L or palette) PNG."""
-    from PIL import Image
-
     with Image.open(path) as im:
         if im.mode not in ("L", "P", "I", "I;16"):
             raise DinoforgeError(
