@@ -2,7 +2,7 @@
 
 Deterministic and class-balanced: 1,000 train images per class from the official train split and
 200 validation images per class from the official test split (seed 0).
-Usage: python scripts/make_bundled_data.py [--src /usr/share/datasets/fashion-mnist]
+Usage: python scripts/make_bundled_data.py [--src /usr/share/datasets/fashion-mnist] [--out FILE.npz]
 """
 
 import argparse
@@ -24,6 +24,9 @@ def balanced(images: np.ndarray, labels: np.ndarray, per_class: int, rng: np.ran
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--src", default="/usr/share/datasets/fashion-mnist")
+    ap.add_argument(
+        "--out", type=Path, default=OUT, help="where to write the .npz (default: the bundled file)"
+    )
     args = ap.parse_args()
     src = Path(args.src)
     rng = np.random.default_rng(0)
@@ -33,8 +36,8 @@ def main() -> None:
     xva, yva = balanced(
         read_idx(src / "t10k-images-idx3-ubyte.gz"), read_idx(src / "t10k-labels-idx1-ubyte.gz"), 200, rng
     )
-    np.savez_compressed(OUT, train_images=xtr, train_labels=ytr, val_images=xva, val_labels=yva)
-    print(f"wrote {OUT} ({OUT.stat().st_size / 1e6:.1f} MB): train {xtr.shape}, val {xva.shape}")
+    np.savez_compressed(args.out, train_images=xtr, train_labels=ytr, val_images=xva, val_labels=yva)
+    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB): train {xtr.shape}, val {xva.shape}")
 
 
 if __name__ == "__main__":
