@@ -1,9 +1,14 @@
 """DINOHead vs the official dinov2 head: same state-dict keys and shapes, same outputs, official init."""
 
+import pytest
 import torch
 from dinov2.layers.dino_head import DINOHead as OfficialHead
 
 from dinoforge.models.heads import DINOHead, cancel_last_layer_gradients
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*weight_norm.*:FutureWarning"
+)  # raised inside the official reference code
 
 
 def _pair(**kw):

@@ -12,6 +12,10 @@ from dinov2.loss import koleo_loss as official_koleo
 
 from dinoforge.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss, sinkhorn_knopp
 
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*autocast.*:FutureWarning"
+)  # raised inside the official reference code
+
 
 def _np_log_softmax(x: np.ndarray) -> np.ndarray:
     x = x - x.max(-1, keepdims=True)
