@@ -170,6 +170,13 @@ def test_centering_in_one_process_group_equals_no_group():
     torch.testing.assert_close(got_center.center, expected_center.center)
 
 
+def test_center_is_kept_when_there_are_no_rows():
+    loss = iBOTPatchLoss(4)
+    loss.center.fill_(0.5)
+    loss.update_center(torch.zeros(0, 4))
+    torch.testing.assert_close(loss.center, torch.full((1, 1, 4), 0.5))
+
+
 def test_koleo_matches_numpy_nearest_neighbour_and_official():
     x = torch.randn(16, 8)
     xn = x.double().numpy()
@@ -208,7 +215,11 @@ def _two_process_worker(rank: int, port: int, logits: torch.Tensor, out: dict) -
         q = sinkhorn_knopp(half, 0.1, n_samples=torch.tensor([half.shape[0]]))
         loss = DINOLoss(logits.shape[1])
         loss.update_center(half)
-        out[rank] = (q, loss.center.clone())
+        uneven = logits if rank == 0 else logits[:0]  # rank 1 has no rows (e.g. no masked patch)
+        q_uneven = sinkhorn_knopp(uneven, 0.1, n_samples=torch.tensor([uneven.shape[0]]))
+        uneven_loss = iBOTPatchLoss(logits.shape[1])
+        uneven_loss.update_center(uneven)
+        out[rank] = (q, loss.center.clone(), q_uneven, uneven_loss.center.clone().flatten(0, 1))
     finally:
         dist.destroy_process_group()
 
@@ -226,3 +237,6 @@ def test_sinkhorn_and_center_across_two_processes_equal_one_process_on_the_globa
     torch.testing.assert_close(torch.cat([results[0][0], results[1][0]]), sinkhorn_knopp(logits, 0.1))
     torch.testing.assert_close(results[0][1], single_center.center)
     torch.testing.assert_close(results[1][1], single_center.center)
+    torch.testing.assert_close(results[0][2], sinkhorn_knopp(logits, 0.1))
+    assert results[1][2].shape == (0, 6)
+    torch.testing.assert_close(results[1][3], single_center.center)

@@ -36,18 +36,23 @@ def ema_center(center: torch.Tensor, logits: torch.Tensor, momentum: float) -> t
     """New centre = momentum·centre + (1−momentum)·mean of `logits` over every row of every process.
 
     `logits` is [..., K]; all leading dimensions are averaged (rows of the CLS batch, or all patch tokens).
+    A process may contribute no rows (e.g. no masked patch in its batch).
     """
     flat = logits.detach().float().reshape(-1, logits.shape[-1])
     stats = torch.cat([flat.sum(0), flat.new_tensor([flat.shape[0]])])
     all_reduce_sum(stats)
     batch_center = (stats[:-1] / stats[-1].clamp(min=1.0)).reshape(center.shape)
-    return center * momentum + batch_center * (1.0 - momentum)
+    updated = center * momentum + batch_center * (1.0 - momentum)
+    return torch.where(stats[-1] > 0, updated, center)  # no rows anywhere: keep the centre
 
 
 def _logsumexp(x: torch.Tensor, dim: int | None, across_processes: bool) -> torch.Tensor:
     """log Σ exp(x) over `dim` (all elements when None), optionally over that dim on every process too."""
     dims = tuple(range(x.dim())) if dim is None else (dim,)
-    peak = x.amax(dim=dims, keepdim=True)
+    if all(x.shape[d] > 0 for d in dims):
+        peak = x.amax(dim=dims, keepdim=True)
+    else:  # no local rows: this process only takes part in the reductions
+        peak = x.new_full([1 if i in dims else n for i, n in enumerate(x.shape)], float("-inf"))
     if across_processes and _distributed():
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     total = torch.exp(x - peak).sum(dim=dims, keepdim=True)
