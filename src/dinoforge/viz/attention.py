@@ -9,11 +9,11 @@ import torch
 from PIL import Image
 
 from dinoforge.utils import DinoforgeError
-from dinoforge.viz.common import model_device, prepare_image, save_figure
+from dinoforge.viz.common import figure_size, model_device, prepare_image, save_figure
 
 
 @torch.inference_mode()
-def cls_attention(model: torch.nn.Module, img: Image.Image, size: int = 224, block: int = -1):
+def cls_attention(model: torch.nn.Module, img: Image.Image, size: int | None = None, block: int = -1):
     """CLS→patch attention of one block for one image: (image [H, W, 3] in [0, 1], maps [heads, h, w]).
 
     Register tokens (if any) are skipped, so each map covers the patch grid only; rows sum to less than
@@ -25,7 +25,7 @@ def cls_attention(model: torch.nn.Module, img: Image.Image, size: int = 224, blo
             f"{type(model).__name__} does not expose attention maps; use a dinoforge backbone"
         )
     p = int(model.patch_size)
-    x = prepare_image(img, size, p)
+    x = prepare_image(img, figure_size(img, size, p), p)
     h, w = x.shape[1] // p, x.shape[2] // p
     attn = model.get_attention_maps(x[None].to(model_device(model)), [block])[0]
     first_patch = 1 + int(getattr(model, "num_register_tokens", 0))
@@ -34,7 +34,7 @@ def cls_attention(model: torch.nn.Module, img: Image.Image, size: int = 224, blo
 
 
 def compute_attention(
-    model: torch.nn.Module, images: list[Image.Image], size: int = 224, block: int = -1
+    model: torch.nn.Module, images: list[Image.Image], size: int | None = None, block: int = -1
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """`cls_attention` of each image."""
     if not images:
@@ -80,7 +80,7 @@ def attention_figure(
     model: torch.nn.Module,
     images: list[Image.Image],
     out_png: str | Path,
-    size: int = 224,
+    size: int | None = None,
     block: int = -1,
     titles: list[str] | None = None,
 ) -> Path:

@@ -20,8 +20,13 @@ ImagesOpt = Annotated[
     ),
 ]
 SizeOpt = Annotated[
-    int,
-    typer.Option("--size", min=1, help="Shorter image side in px (cropped to a multiple of the patch size)."),
+    int | None,
+    typer.Option(
+        "--size",
+        min=1,
+        help="Shorter image side in px, cropped to a multiple of the patch size. "
+        "Default: the image's own shorter side, at most 224.",
+    ),
 ]
 
 
@@ -48,7 +53,7 @@ def pca_command(
     model: ModelOpt = None,
     weights: WeightsOpt = None,
     images: ImagesOpt = None,
-    size: SizeOpt = 224,
+    size: SizeOpt = None,
     foreground: Annotated[
         bool, typer.Option("--foreground/--no-foreground", help="Split foreground by thresholding PC1.")
     ] = True,
@@ -87,7 +92,7 @@ def match_command(
     model: ModelOpt = None,
     weights: WeightsOpt = None,
     images: ImagesOpt = None,
-    size: SizeOpt = 224,
+    size: SizeOpt = None,
     foreground: Annotated[
         bool, typer.Option("--foreground/--all-patches", help="Match only foreground patches (PC1 split).")
     ] = False,
@@ -136,7 +141,7 @@ def attn_command(
     model: ModelOpt = None,
     weights: WeightsOpt = None,
     images: ImagesOpt = None,
-    size: SizeOpt = 224,
+    size: SizeOpt = None,
     block: Annotated[int, typer.Option("--block", help="Block index (negative counts from the end).")] = -1,
     device: DeviceOpt = "auto",
 ) -> None:

@@ -36,14 +36,27 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+DEFAULT_SIZE = 224
+
+
+def figure_size(img: Image.Image, size: int | None, patch_size: int) -> int:
+    """The shorter side used for a figure: `size`, or by default the image's own shorter side capped at 224
+    px (small images such as the 32 px bundled set are never upscaled), at least one patch."""
+    if size is not None:
+        return size
+    return max(patch_size, min(DEFAULT_SIZE, min(img.size)))
+
+
 @torch.inference_mode()
-def patch_features(model: torch.nn.Module, images: list[Image.Image], size: int) -> list[PatchFeatures]:
+def patch_features(
+    model: torch.nn.Module, images: list[Image.Image], size: int | None = None
+) -> list[PatchFeatures]:
     """Normed patch tokens of each image (one forward per image, so aspect ratios may differ)."""
     p = int(model.patch_size)
     dev = model_device(model)
     out = []
     for img in images:
-        x = prepare_image(img, size, p)
+        x = prepare_image(img, figure_size(img, size, p), p)
         h, w = x.shape[1] // p, x.shape[2] // p
         tokens = model.forward_features(x[None].to(dev))["x_norm_patchtokens"][0].float().cpu()
         out.append(PatchFeatures(denormalize(x).permute(1, 2, 0).numpy(), tokens.reshape(h, w, -1).numpy()))

@@ -47,7 +47,11 @@ def _centres(f: PatchFeatures, flat: np.ndarray) -> np.ndarray:
 
 
 def compute_matches(
-    model: torch.nn.Module, img_a: Image.Image, img_b: Image.Image, size: int = 224, foreground: bool = False
+    model: torch.nn.Module,
+    img_a: Image.Image,
+    img_b: Image.Image,
+    size: int | None = None,
+    foreground: bool = False,
 ) -> Matches:
     """Patch features of both images and their mutual nearest neighbours (foreground patches only when
     `foreground`, using the PCA first-component split of viz.pca)."""
@@ -97,7 +101,7 @@ def match_figure(
     img_a: Image.Image,
     img_b: Image.Image,
     out_png: str | Path,
-    size: int = 224,
+    size: int | None = None,
     foreground: bool = False,
     max_lines: int = 80,
     titles: tuple[str, str] | None = None,

@@ -7,6 +7,7 @@ of different objects gets the same colour across images.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,7 +85,7 @@ class PCAResult:
 def compute_pca(
     model: torch.nn.Module,
     images: list[Image.Image],
-    size: int = 224,
+    size: int | None = None,
     foreground: bool = True,
     threshold: float = 0.0,
 ) -> PCAResult:
@@ -97,30 +98,36 @@ def compute_pca(
     return PCAResult(feats, masks, rgb, ratio)
 
 
-def draw_pca(result: PCAResult, out_png: str | Path, titles: list[str] | None = None) -> Path:
-    """Grid PNG: one column per image; rows = image, foreground mask (when computed), PCA colours."""
+def draw_pca(
+    result: PCAResult, out_png: str | Path, titles: list[str] | None = None, max_columns: int = 8
+) -> Path:
+    """Grid PNG: one column per image (wrapped after `max_columns`); rows = image, foreground mask (when
+    computed), PCA colours."""
     import matplotlib.pyplot as plt
 
     n = len(result.feats)
-    rows = 3 if result.masks is not None else 2
-    fig, axes = plt.subplots(rows, n, figsize=(2.6 * n, 2.6 * rows), squeeze=False)
+    cols = min(n, max_columns)
+    per = 3 if result.masks is not None else 2
+    labels = ["input"] + (["foreground (PC1)"] if result.masks is not None else []) + ["PCA of patches"]
+    fig, axes = plt.subplots(
+        per * math.ceil(n / cols), cols, figsize=(2.6 * cols, 2.6 * per * math.ceil(n / cols))
+    )
+    axes = np.asarray(axes).reshape(-1, cols)
+    for ax in axes.ravel():
+        ax.set_axis_off()
     for j, f in enumerate(result.feats):
         h, w = f.image.shape[:2]
-        panels = (
-            [f.image]
-            + ([result.masks[j].astype(float)] if result.masks is not None else [])
-            + [result.rgb[j]]
-        )
-        for i, panel in enumerate(panels):
-            ax = axes[i, j]
+        masks = [result.masks[j].astype(float)] if result.masks is not None else []
+        for i, panel in enumerate([f.image, *masks, result.rgb[j]]):
+            ax = axes[per * (j // cols) + i, j % cols]
+            ax.set_axis_on()
             ax.imshow(panel, extent=(0, w, h, 0), interpolation="nearest", cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
+            if j % cols == 0:
+                ax.set_ylabel(labels[i], fontsize=9)
         if titles:
-            axes[0, j].set_title(titles[j], fontsize=9)
-    labels = ["input"] + (["foreground (PC1)"] if result.masks is not None else []) + ["PCA of patches"]
-    for i, label in enumerate(labels):
-        axes[i, 0].set_ylabel(label, fontsize=9)
+            axes[per * (j // cols), j % cols].set_title(titles[j], fontsize=9)
     return save_figure(fig, out_png)
 
 
@@ -128,7 +135,7 @@ def pca_figure(
     model: torch.nn.Module,
     images: list[Image.Image],
     out_png: str | Path,
-    size: int = 224,
+    size: int | None = None,
     foreground: bool = True,
     threshold: float = 0.0,
     titles: list[str] | None = None,
