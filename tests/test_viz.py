@@ -211,3 +211,25 @@ def test_viz_cli(tmp_path):
     assert set(json.loads((out / "attention.json").read_text())["entropy"]) == {"im0", "im1"}
     res = runner.invoke(app, ["viz", "match", "--images", str(folder / "nope.png"), *base])
     assert res.exit_code != 0 and "nope.png" in str(res.exception)
+
+
+def test_default_size_never_upscales_and_grid_wraps(tmp_path):
+    from dinoforge.data.datasets import BundledDataset
+
+    model = _tiny()
+    small = BundledDataset("val")[0][0]  # 32 px
+    big = _photo(4, hw=(300, 400))
+    fs, fb = patch_features(model, [small, big])
+    assert fs.grid == (8, 8) and fb.image.shape[:2] == (224, 296) and fb.grid == (56, 74)
+    one_row = np.asarray(Image.open(pca_figure(model, [small] * 8, tmp_path / "8.png")))
+    two_rows = np.asarray(Image.open(pca_figure(model, [small] * 10, tmp_path / "10.png")))
+    assert abs(one_row.shape[1] - two_rows.shape[1]) < 20  # still 8 columns wide
+    assert 1.8 < two_rows.shape[0] / one_row.shape[0] < 2.2  # a second block of rows
+
+
+def test_viz_help():
+    from dinoforge.cli import app
+
+    for cmd in ("pca", "match", "attn"):
+        res = CliRunner().invoke(app, ["viz", cmd, "--help"])
+        assert res.exit_code == 0 and "--images" in res.output and "--size" in res.output
