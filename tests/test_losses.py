@@ -240,3 +240,20 @@ def test_sinkhorn_and_center_across_two_processes_equal_one_process_on_the_globa
     torch.testing.assert_close(results[0][2], sinkhorn_knopp(logits, 0.1))
     assert results[1][2].shape == (0, 6)
     torch.testing.assert_close(results[1][3], single_center.center)
+
+
+def test_low_precision_inputs_give_float32_results_close_to_float32():
+    logits, students = torch.randn(6, 16) * 3, [torch.randn(6, 16) for _ in range(2)]
+    loss = DINOLoss(16)
+    probs32, probs16 = (
+        loss.softmax_center_teacher(logits, 0.04),
+        loss.softmax_center_teacher(logits.bfloat16(), 0.04),
+    )
+    assert probs16.dtype == torch.float32
+    torch.testing.assert_close(probs16, probs32, atol=0.05, rtol=0.05)
+    sk16 = loss.sinkhorn_knopp_teacher(logits.bfloat16(), 0.04)
+    assert sk16.dtype == torch.float32
+    torch.testing.assert_close(sk16, loss.sinkhorn_knopp_teacher(logits, 0.04), atol=0.05, rtol=0.05)
+    low = loss([s.bfloat16() for s in students], [probs16])
+    assert low.dtype == torch.float32
+    assert low.item() == pytest.approx(loss(students, [probs32]).item(), rel=0.02)
