@@ -1,5 +1,295 @@
-"""`dinoforge curate ...` commands."""
+"""`dinoforge curate ...`: embed, dedup, cluster, sample, retrieve, and `run` to chain them from one
+config."""
 
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
 import typer
 
-app = typer.Typer(help="curate commands", no_args_is_help=True)
+from dinoforge.cli_common import BatchOpt, DeviceOpt, OutOpt, WeightsOpt
+from dinoforge.utils import DinoforgeError, write_json
+
+app = typer.Typer(
+    help="Data curation (DINOv2 §3): embed, de-duplicate, retrieve, cluster, sample.", no_args_is_help=True
+)
+
+EmbOpt = Annotated[Path, typer.Option("--emb", "-e", help="Embedding folder written by `curate embed`.")]
+ThresholdOpt = Annotated[
+    float,
+    typer.Option(
+        "--threshold",
+        "-t",
+        help="Cosine at or above which two images are "
+        "near duplicates (0.93 is measured for the pixel descriptor).",
+    ),
+]
+
+
+def _ints(text: str | None, what: str) -> list[int]:
+    if not text:
+        return []
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise DinoforgeError(f"{what}: expected comma-separated integers, got {text!r}") from None
+
+
+@app.command("embed")
+def embed_cmd(
+    data: Annotated[
+        str, typer.Option("--data", "-d", help="Image folder, .txt/.csv/.jsonl list or bundled[:split].")
+    ],
+    out: OutOpt,
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            "-m",
+            help="'pixel' (copy-detection thumbnail descriptor) or a backbone name / weights file.",
+        ),
+    ] = "pixel",
+    weights: WeightsOpt = None,
+    shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Images per shard file.")] = 10000,
+    batch_size: BatchOpt = 64,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Embed images into float16 shards (resumable; under torchrun each rank embeds its own shards)."""
+    from dinoforge.curate.embed import embed_images, init_distributed
+
+    init_distributed()
+    stats = embed_images(data, out, model, weights, shard_size, batch_size, device)
+    typer.echo(
+        f"embedded {stats['embedded']} images, skipped {stats['skipped']} unreadable, "
+        f"resumed {stats['resumed_shards']} finished shard(s) -> {out}"
+    )
+
+
+@app.command("dedup")
+def dedup_cmd(
+    emb: EmbOpt,
+    out: OutOpt,
+    threshold: ThresholdOpt = 0.93,
+    test_emb: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--test-emb",
+            help="Embeddings of an evaluation/test set: pool images near it are removed (repeatable).",
+        ),
+    ] = None,
+    index: Annotated[str, typer.Option("--index", help="flat (exact), ivf or ivfpq (large pools).")] = "flat",
+    k: Annotated[
+        int | None, typer.Option("--k", min=1, help="Use a k-NN search instead of range search.")
+    ] = None,
+) -> None:
+    """De-duplicate a pool: keep one image per near-duplicate component, drop copies of test images."""
+    from dinoforge.curate.dedup import dedup, near_reference
+    from dinoforge.curate.pipeline import montage, write_manifest
+    from dinoforge.curate.store import EmbeddingStore, take_rows
+
+    pool = EmbeddingStore.open(emb)
+    if len(pool) == 0:
+        raise DinoforgeError(f"pool {emb} has no embedded image")
+    res = dedup(pool.shards, threshold, k, index)
+    keep = res.keep
+    near = np.zeros(len(keep), bool)
+    for t in test_emb or []:
+        near |= near_reference(take_rows(pool.shards, keep), EmbeddingStore.open(t).shards, threshold)[0]
+    out.mkdir(parents=True, exist_ok=True)
+    write_manifest(
+        out / "manifest.jsonl",
+        [
+            {"path": pool.paths[i], "step": "dedup", "source": "pool", "similarity": None}
+            for i in keep[~near].tolist()
+        ],
+    )
+    first = {int(c): i for i, c in reversed(list(enumerate(res.component.tolist())))}
+    write_manifest(
+        out / "removed.jsonl",
+        [
+            {"path": pool.paths[i], "duplicate_of": pool.paths[first[int(res.component[i])]]}
+            for i in res.removed.tolist()
+        ],
+    )
+    groups: dict[int, list[str]] = {}
+    for i in res.removed.tolist()[:200]:
+        groups.setdefault(first[int(res.component[i])], []).append(pool.paths[i])
+    montage(
+        [[pool.paths[k0], *v[:7]] for k0, v in list(groups.items())[:16]],
+        out / "duplicates.png",
+        "kept image | removed near duplicates",
+    )
+    write_json(
+        out / "dedup.json",
+        {
+            "images": len(pool),
+            "pairs": len(res.pairs),
+            "removed_duplicates": len(res.removed),
+            "removed_near_test": int(near.sum()),
+            "kept": int((~near).sum()),
+            "threshold": threshold,
+        },
+    )
+    typer.echo(f"kept {int((~near).sum())} of {len(pool)} images -> {out}")
+
+
+@app.command("cluster")
+def cluster_cmd(
+    emb: EmbOpt,
+    out: OutOpt,
+    levels: Annotated[str, typer.Option("--levels", help="Clusters per level, e.g. 1000,100,10.")] = "100,10",
+    niter: Annotated[int, typer.Option("--niter", min=1, help="Lloyd iterations per k-means.")] = 20,
+    resample_steps: Annotated[
+        str, typer.Option("--resample-steps", help="Resampling steps per level.")
+    ] = "0",
+    sample_sizes: Annotated[
+        str, typer.Option("--sample-sizes", help="Points per cluster in resampling, per level.")
+    ] = "0",
+    engine: Annotated[
+        str, typer.Option("--engine", help="auto, faiss or lloyd (streaming/distributed).")
+    ] = "auto",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Hierarchical k-means with resampling over pool embeddings (distributed under torchrun)."""
+    from dinoforge.curate.embed import init_distributed
+    from dinoforge.curate.kmeans import hierarchical_kmeans
+    from dinoforge.curate.pipeline import montage
+    from dinoforge.curate.sample import size_entropy
+    from dinoforge.curate.store import EmbeddingStore
+
+    init_distributed()
+    pool = EmbeddingStore.open(emb)
+    ks = _ints(levels, "--levels")
+    steps, sizes = _ints(resample_steps, "--resample-steps"), _ints(sample_sizes, "--sample-sizes")
+    steps = steps * len(ks) if len(steps) == 1 else steps
+    sizes = sizes * len(ks) if len(sizes) == 1 else sizes
+    h = hierarchical_kmeans(pool.shards, ks, niter, steps, sizes, seed, engine)
+    out.mkdir(parents=True, exist_ok=True)
+    h.save(out / "hierarchy.npz")
+    ids = h.point_clusters()
+    leaf = ids[:, 0]
+    rows = [[pool.paths[i] for i in np.nonzero(leaf == c)[0][:8]] for c in np.unique(leaf)[:6]]
+    montage(rows, out / "clusters.png", "one level-0 cluster per row")
+    write_json(
+        out / "clusters.json",
+        {
+            "levels": ks,
+            "inertia_level0": h.levels[0].inertia,
+            "size_entropy": [size_entropy(ids[:, i]) for i in range(len(ks))],
+        },
+    )
+    typer.echo(f"clustered {len(pool)} images into levels {ks} -> {out}")
+
+
+@app.command("sample")
+def sample_cmd(
+    emb: EmbOpt,
+    clusters: Annotated[Path, typer.Option("--clusters", "-c", help="Folder written by `curate cluster`.")],
+    out: OutOpt,
+    target_size: Annotated[int, typer.Option("--target-size", "-n", min=1, help="Images to keep.")],
+    strategy: Annotated[
+        str, typer.Option("--strategy", help="random or closest (to the centroid).")
+    ] = "random",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Balanced hierarchical sampling of a clustered pool down to a target size."""
+    from dinoforge.curate.kmeans import Hierarchy
+    from dinoforge.curate.pipeline import write_manifest
+    from dinoforge.curate.sample import balanced_sample, size_entropy
+    from dinoforge.curate.store import EmbeddingStore
+    from dinoforge.utils import require_file
+
+    pool = EmbeddingStore.open(emb)
+    h = Hierarchy.load(require_file(clusters / "hierarchy.npz", "cluster hierarchy"))
+    if len(h.levels[0].assign) != len(pool):
+        raise DinoforgeError(
+            f"{clusters} clusters {len(h.levels[0].assign)} images but {emb} has {len(pool)}"
+        )
+    picked = balanced_sample(h, target_size, strategy, seed)
+    ids = h.point_clusters()
+    write_manifest(
+        out / "manifest.jsonl",
+        [
+            {
+                "path": pool.paths[i],
+                "step": "sample",
+                "source": "pool",
+                "similarity": None,
+                "cluster": ids[i].tolist(),
+            }
+            for i in picked.tolist()
+        ],
+    )
+    write_json(
+        out / "sample.json",
+        {
+            "target_size": target_size,
+            "picked": len(picked),
+            "top_cluster_entropy_before": size_entropy(ids[:, -1]),
+            "top_cluster_entropy_after": size_entropy(ids[picked, -1]),
+        },
+    )
+    typer.echo(f"sampled {len(picked)} images -> {out}")
+
+
+@app.command("retrieve")
+def retrieve_cmd(
+    pool_emb: Annotated[Path, typer.Option("--pool", help="Pool embedding folder.")],
+    curated: Annotated[
+        list[str], typer.Option("--curated", help="NAME=EMBEDDING_FOLDER of a curated source (repeatable).")
+    ],
+    out: OutOpt,
+    k: Annotated[int, typer.Option("--k", min=1, help="Neighbours per curated image (sample-based).")] = 4,
+    m: Annotated[int, typer.Option("--m", min=1, help="Images per matched cluster (cluster-based).")] = 100,
+    sample_min_size: Annotated[
+        int,
+        typer.Option(
+            "--sample-min-size", help="Sources with at least this many images use sample-based retrieval."
+        ),
+    ] = 1_000_000,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Retrieve pool images similar to curated sources (sample- or cluster-based by source size)."""
+    from dinoforge.curate.pipeline import write_manifest
+    from dinoforge.curate.retrieve import retrieve
+    from dinoforge.curate.store import EmbeddingStore
+
+    pool = EmbeddingStore.open(pool_emb)
+    sources = {}
+    for spec in curated:
+        name, sep, folder = spec.partition("=")
+        if not sep:
+            raise DinoforgeError(f"--curated expects NAME=FOLDER, got {spec!r}")
+        sources[name] = EmbeddingStore.open(folder).shards
+    got = retrieve(pool.shards, sources, k, m, sample_min_size, seed=seed)
+    recs = [
+        {"path": pool.paths[row], "step": "retrieve", "source": name, "method": r.method, "similarity": s}
+        for name, r in got.items()
+        for row, s in zip(r.rows.tolist(), r.similarity.tolist(), strict=True)
+    ]
+    write_manifest(out / "manifest.jsonl", recs)
+    write_json(
+        out / "retrieve.json", {n: {"method": r.method, "images": len(r.rows)} for n, r in got.items()}
+    )
+    typer.echo(f"retrieved {len(recs)} images -> {out}")
+
+
+@app.command("run")
+def run_cmd(
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="Curation YAML (see configs/curate_default.yaml).")
+    ],
+    out: OutOpt,
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="key=value overrides, e.g. sample.target_size=500")
+    ] = None,
+) -> None:
+    """Run the whole pipeline from one config: manifest.jsonl (for `dinoforge train --data`) + report."""
+    from dinoforge.curate.embed import init_distributed
+    from dinoforge.curate.pipeline import load_config, run_pipeline
+
+    init_distributed()
+    report = run_pipeline(load_config(config, overrides), out)
+    typer.echo(f"manifest with {report['manifest_images']} images: {out / 'manifest.jsonl'}")

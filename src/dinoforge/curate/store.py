@@ -1,0 +1,122 @@
+"""Embedding shards on disk: float16 `.npy` files read memory-mapped, with their image lists, and batch
+access.
+
+Everything in curate/ takes "data" as one array or a list of arrays (the shards), so a pool larger than RAM is
+read in batches and never materialised whole.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dinoforge.utils import DinoforgeError
+
+Data = np.ndarray | Sequence[np.ndarray]
+
+
+def _parts(data: Data) -> list[np.ndarray]:
+    return [data] if isinstance(data, np.ndarray) else list(data)
+
+
+def num_rows(data: Data) -> int:
+    """Total number of vectors in an array or a list of shards."""
+    return sum(int(p.shape[0]) for p in _parts(data))
+
+
+def dim(data: Data) -> int:
+    """Vector dimension of an array or a list of shards."""
+    parts = [p for p in _parts(data) if p.ndim == 2]
+    if not parts:
+        raise DinoforgeError("no embeddings")
+    return int(parts[0].shape[1])
+
+
+def iter_batches(data: Data, batch_size: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (global start row, float32 contiguous batch) over an array or shards, reading one batch at a
+    time."""
+    start = 0
+    for part in _parts(data):
+        for s in range(0, part.shape[0], batch_size):
+            yield start + s, np.ascontiguousarray(part[s : s + batch_size], dtype=np.float32)
+        start += part.shape[0]
+
+
+def to_array(data: Data) -> np.ndarray:
+    """Materialise as one float32 array (small pools, faiss training)."""
+    parts = _parts(data)
+    if not parts:
+        return np.zeros((0, 0), np.float32)
+    return np.ascontiguousarray(np.concatenate([np.asarray(p, dtype=np.float32) for p in parts]))
+
+
+def row_range(data: Data, start: int, stop: int) -> list[np.ndarray]:
+    """Rows [start, stop) of an array or shards as a list of views (nothing is read)."""
+    out, offset = [], 0
+    for part in _parts(data):
+        a, b = max(start - offset, 0), min(stop - offset, part.shape[0])
+        if a < b:
+            out.append(part[a:b])
+        offset += part.shape[0]
+    return out
+
+
+def take_rows(data: Data, rows: np.ndarray) -> np.ndarray:
+    """Gather rows by global index from an array or shards, as float32."""
+    rows = np.asarray(rows, dtype=np.int64)
+    out = np.empty((len(rows), dim(data)), np.float32)
+    start = 0
+    for part in _parts(data):
+        sel = np.nonzero((rows >= start) & (rows < start + part.shape[0]))[0]
+        if len(sel):
+            out[sel] = part[rows[sel] - start]
+        start += part.shape[0]
+    return out
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    """L2-normalise rows (float32) so inner product is cosine similarity; zero rows stay zero."""
+    x = np.asarray(x, dtype=np.float32)
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(n, 1e-12)
+
+
+@dataclass
+class EmbeddingStore:
+    """A folder of embedding shards `shard_XXXXX.npy` (float16, memory-mapped) + `shard_XXXXX.json`
+    (paths, stats)."""
+
+    root: Path
+    shards: list[np.ndarray]
+    paths: list[str]
+    skipped: list[str]
+
+    @classmethod
+    def open(cls, root: str | Path) -> EmbeddingStore:
+        """Open a finished embedding folder (written by `curate.embed.embed_images`)."""
+        root = Path(root)
+        metas = sorted(root.glob("shard_*.json"))
+        if not metas:
+            raise DinoforgeError(f"no embedding shards in {root} (run `dinoforge curate embed` first)")
+        shards, paths, skipped = [], [], []
+        for meta_path in metas:
+            meta = json.loads(meta_path.read_text())
+            arr = np.load(meta_path.with_suffix(".npy"), mmap_mode="r")
+            if arr.shape[0] != len(meta["paths"]):
+                raise DinoforgeError(f"{meta_path}: {arr.shape[0]} vectors but {len(meta['paths'])} paths")
+            if arr.shape[0]:
+                shards.append(arr)
+            paths += meta["paths"]
+            skipped += meta["skipped"]
+        return cls(root, shards, paths, skipped)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def array(self) -> np.ndarray:
+        """All vectors as one float32 array."""
+        return to_array(self.shards)
