@@ -13,7 +13,9 @@ ModelOpt = Annotated[
 ]
 WeightsOpt = Annotated[
     Path | None,
-    typer.Option("--weights", "-w", help="Local weights: official .pth, training checkpoint, .safetensors or HF folder."),
+    typer.Option(
+        "--weights", "-w", help="Local weights: official .pth, training checkpoint, .safetensors or HF folder."
+    ),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, ...")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder (created).")]

@@ -35,9 +35,7 @@ def track(iterable: Iterable[T], description: str, total: int | None = None) -> 
     from rich.console import Console
     from rich.progress import track as rich_track
 
-    yield from rich_track(
-        iterable, description=description, total=total, console=Console(stderr=True), transient=False
-    )
+    yield from rich_track(iterable, description=description, total=total, console=Console(stderr=True), transient=False)
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -1,18 +1,73 @@
 """`dinoforge train | distill | demo`."""
 
-from dinoforge.utils import DinoforgeError
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+OverridesArg = Annotated[
+    list[str] | None,
+    typer.Argument(help="Config overrides as key=value (e.g. optim.epochs=10 train.batch_size_per_gpu=32)."),
+]
 
 
-def train_command() -> None:
-    """Self-supervised DINOv2 pretraining (in progress)."""
-    raise DinoforgeError("train: not implemented yet")
+def train_command(
+    config: Annotated[
+        str,
+        typer.Option(
+            "--config", "-c", help="YAML file (official layout) or preset: demo, vits14, vitb14, vitl14, vitg14."
+        ),
+    ] = "demo",
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data",
+            "-d",
+            help="Image folder, manifest (.txt/.csv/.jsonl) or bundled[:split]; default train.dataset_path.",
+        ),
+    ] = None,
+    output_dir: Annotated[
+        Path, typer.Option("--output-dir", "-o", help="Run folder: config, metrics, checkpoints, exports.")
+    ] = Path("runs/train"),
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the newest checkpoint in --output-dir.")
+    ] = False,
+    overrides: OverridesArg = None,
+) -> None:
+    """DINOv2 self-supervised pretraining (DINO + iBOT + KoLeo, EMA teacher, multi-crop).
+
+    Runs on one process, or under `torchrun --nproc-per-node N -m dinoforge train ...` (gloo on CPU, NCCL on GPU;
+    train.distributed=ddp|fsdp). Start from existing backbone weights with student.pretrained_weights=PATH.
+    """
+    from dinoforge.config.config import load_config
+    from dinoforge.train import distributed as dist_utils
+    from dinoforge.train.loop import train
+
+    cfg = load_config(config, overrides or [])
+    summary = train(cfg, output_dir, data=data, resume=resume)
+    if dist_utils.is_main_process():
+        typer.echo(f"teacher backbone: {summary['teacher']}")
+        typer.echo(f"results in {output_dir}")
+    dist_utils.shutdown()
 
 
 def distill_command() -> None:
     """Distil a teacher backbone into a smaller student (in progress)."""
+    from dinoforge.utils import DinoforgeError
+
     raise DinoforgeError("distill: not implemented yet")
 
 
-def demo_command() -> None:
-    """Pretrain, evaluate and visualise on the bundled data (in progress)."""
-    raise DinoforgeError("demo: not implemented yet")
+def demo_command(
+    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where the demo writes everything.")] = Path(
+        "runs/demo"
+    ),
+    overrides: OverridesArg = None,
+) -> None:
+    """Pretrain a small ViT on the bundled Fashion-MNIST subset, evaluate k-NN (trained vs random init vs raw pixels),
+    draw a PCA-of-patch-features figure, and write summary.json."""
+    from dinoforge.demo import run_demo
+
+    run_demo(output_dir, overrides or [])

@@ -1,0 +1,96 @@
+"""Deterministic, resumable SSL data pipeline: step-indexed sharded sampling and per-sample seeded augmentation."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+
+def _mix(*ints: int) -> int:
+    """A 63-bit seed from several integers (stable across runs and processes)."""
+    return int(np.random.SeedSequence([int(i) & 0xFFFFFFFF for i in ints]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class StepSampler(Sampler):
+    """Yields, for global step s onwards, this rank's slice of the step's global batch as (index, seed) keys.
+
+    Epoch e is a permutation seeded by (seed, e); each step takes the next `batch_size * world` positions (the last
+    partial batch of an epoch is dropped). Starting at `start_step` reproduces exactly what an uninterrupted run sees.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, start_step: int = 0):
+        self.n, self.bs, self.seed, self.rank, self.world, self.start_step = (
+            n,
+            batch_size,
+            seed,
+            rank,
+            world,
+            start_step,
+        )
+        self.steps_per_epoch = n // (batch_size * world)
+        if self.steps_per_epoch == 0:
+            from dinoforge.utils import DinoforgeError
+
+            raise DinoforgeError(f"dataset has {n} images, fewer than one global batch ({batch_size * world})")
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng(_mix(self.seed, epoch)).permutation(self.n)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        step = self.start_step
+        epoch, perm = -1, None
+        while True:
+            e, s = divmod(step, self.steps_per_epoch)
+            if e != epoch:
+                epoch, perm = e, self._perm(e)
+            start = s * self.bs * self.world + self.rank * self.bs
+            idx = perm[start : start + self.bs]
+            yield [(int(i), _mix(self.seed, step, start + j)) for j, i in enumerate(idx)]
+            step += 1
+
+
+class SeededAugment(Dataset):
+    """Applies the multi-crop augmentation with the RNGs seeded per (step, position): resumable and worker-independent.
+
+    Items of the base dataset are (image, label, index) or None for a corrupt image (passed on as None).
+    """
+
+    def __init__(self, base: Dataset, transform: Callable):
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        item = self.base[index]
+        if item is None:
+            return None
+        seed_everything(seed)
+        return self.transform(item[0]), seed
+
+
+class SeededCollate:
+    """Drops skipped (None) samples, seeds the mask RNGs from the batch, and calls the masking collate."""
+
+    def __init__(self, collate: Callable):
+        self.collate = collate
+
+    def __call__(self, samples: list):
+        kept = [s for s in samples if s is not None]
+        if not kept:
+            return {"n_skipped": len(samples)}
+        seed_everything(_mix(kept[0][1], len(kept)))
+        batch = self.collate([(crops, ()) for crops, _ in kept])
+        batch["n_skipped"] = len(samples) - len(kept)
+        return batch

@@ -1,0 +1,359 @@
+"""The DINOv2 training loop: schedules, AdamW, EMA teacher, logging, checkpoints, exact resume, multi-process."""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from dinoforge.data.augment import DataAugmentationDINO
+from dinoforge.data.collate import collate_data_and_cast
+from dinoforge.data.datasets import build_dataset
+from dinoforge.data.masking import MaskingGenerator
+from dinoforge.models.vision_transformer import DinoVisionTransformer
+from dinoforge.models.weights import load_backbone, save_backbone
+from dinoforge.train import distributed as dist_utils
+from dinoforge.train.checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from dinoforge.train.data import SeededAugment, SeededCollate, StepSampler, seed_everything
+from dinoforge.train.meta_arch import SSLMetaArch
+from dinoforge.train.param_groups import apply_optim_scheduler, fuse_params_groups, get_params_groups_with_decay
+from dinoforge.train.schedules import build_schedulers, scaled_lr
+from dinoforge.utils import DinoforgeError, eprint, progress_enabled, write_json
+
+
+class MetricsLog:
+    """metrics.csv (one row per logged iteration) and TensorBoard scalars; on resume, rows ≥ start are dropped."""
+
+    def __init__(self, out: Path, start_iter: int, enabled: bool):
+        self.enabled = enabled
+        self.path = out / "metrics.csv"
+        self.rows: list[dict] = []
+        self.tb = None
+        if not enabled:
+            return
+        if self.path.exists() and start_iter > 0:
+            with open(self.path) as f:
+                self.rows = [r for r in csv.DictReader(f) if int(r["iteration"]) < start_iter]
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_iter)
+        except ImportError:
+            self.tb = None
+
+    def log(self, it: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.rows.append({"iteration": it, **values})
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, it)
+        fields = list(dict.fromkeys(k for r in self.rows for k in r))
+        with open(self.path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(self.rows)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _autocast_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype | None:
+    mode = cfg.compute_precision.autocast
+    if mode == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[mode]
+
+
+def _build_loader(cfg: DictConfig, data: str, start_iter: int, world: int, rank: int) -> DataLoader:
+    g, p = cfg.crops.global_crops_size, cfg.student.patch_size
+    if g % p or cfg.crops.local_crops_size % p:
+        raise DinoforgeError(f"crop sizes ({g}, {cfg.crops.local_crops_size}) must be multiples of patch_size {p}")
+    n_tokens = (g // p) ** 2
+    augment = DataAugmentationDINO(
+        tuple(cfg.crops.global_crops_scale),
+        tuple(cfg.crops.local_crops_scale),
+        cfg.crops.local_crops_number,
+        global_crops_size=g,
+        local_crops_size=cfg.crops.local_crops_size,
+        official_blur=cfg.crops.official_blur,
+    )
+    collate = partial(
+        collate_data_and_cast,
+        mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
+        mask_probability=cfg.ibot.mask_sample_probability,
+        n_tokens=n_tokens,
+        mask_generator=MaskingGenerator(input_size=(g // p, g // p), max_num_patches=0.5 * n_tokens),
+        dtype=torch.float32,
+    )
+    dataset = build_dataset(data, transform=None, split="train")
+    sampler = StepSampler(len(dataset), cfg.train.batch_size_per_gpu, cfg.train.seed, rank, world, start_iter)
+    workers = int(cfg.train.num_workers)
+    return DataLoader(
+        SeededAugment(dataset, augment),
+        batch_sampler=sampler,
+        num_workers=workers,
+        collate_fn=SeededCollate(collate),
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+def _param_groups(cfg: DictConfig, model: SSLMetaArch) -> list[dict]:
+    groups = []
+    for m in model.student.values():
+        groups += fuse_params_groups(
+            get_params_groups_with_decay(
+                m, lr_decay_rate=cfg.optim.layerwise_decay, patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult
+            )
+        )
+    return groups
+
+
+def _model_state(model: SSLMetaArch, sharded: bool) -> dict:
+    """The full (unsharded) model state dict; collective under FSDP2, complete on rank 0."""
+    if not sharded:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _optim_state(model: SSLMetaArch, optimizer: torch.optim.Optimizer, sharded: bool) -> dict:
+    if not sharded:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _load_full_state(model, optimizer, ckpt: dict, sharded: bool) -> None:
+    if not sharded:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=ckpt["model"],
+        optim_state_dict=ckpt["optimizer"],
+        options=StateDictOptions(full_state_dict=True),
+    )
+
+
+def export_teacher(model_state: dict, arch: dict, path: Path) -> Path:
+    """Save the teacher backbone as safetensors (with its architecture) for load_backbone."""
+    backbone = DinoVisionTransformer(**arch)
+    prefix = "teacher.backbone."
+    backbone.load_state_dict({k[len(prefix) :]: v for k, v in model_state.items() if k.startswith(prefix)})
+    save_backbone(backbone, path)
+    return path
+
+
+class _Progress:
+    """Rich progress bar with loss parts, lr, images/s and ETA (main process only)."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.bar = None
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+        )
+        self.task = self.bar.add_task("train", total=total, completed=start, info="")
+        self.bar.start()
+
+    def update(self, info: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, info=info)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def train(
+    cfg: DictConfig, output_dir: Path, data: str | None = None, resume: bool = False, quiet: bool = False
+) -> dict:
+    """Run (or resume) SSL pretraining; returns a summary with the final losses and the exported teacher path."""
+    device = dist_utils.init_from_env()
+    world, rank = dist_utils.world_size(), dist_utils.rank()
+    main = rank == 0
+    output_dir = Path(output_dir)
+    ckpt_dir = output_dir / "checkpoints"
+    OmegaConf.set_struct(cfg, False)
+    cfg.train.output_dir = str(output_dir)
+    schedules = build_schedulers(cfg, world)
+    cfg.optim.lr = scaled_lr(cfg.optim.base_lr, cfg.train.batch_size_per_gpu * world, cfg.optim.scaling_rule)
+    OmegaConf.set_struct(cfg, True)
+    data = data or cfg.train.dataset_path
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, output_dir / "config.yaml")
+
+    seed_everything(cfg.train.seed)
+    model = SSLMetaArch(cfg)
+    if cfg.student.pretrained_weights:
+        model.load_pretrained_backbone(load_backbone(cfg.student.pretrained_weights))
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(_param_groups(cfg, model), betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
+    epoch_len = cfg.train.OFFICIAL_EPOCH_LENGTH
+    max_iter = cfg.optim.epochs * epoch_len
+    ckpt_period = cfg.train.checkpoint_period_iterations or 3 * epoch_len
+
+    sharded = world > 1 and cfg.train.distributed == "fsdp"
+    if sharded:
+        dist_utils.fully_shard_model(model, _autocast_dtype(cfg, device))
+    else:
+        dist_utils.broadcast_module(model)
+
+    start_iter, last_ckpt = 0, None
+    existing = list_checkpoints(ckpt_dir)
+    if resume and existing:
+        last_ckpt = existing[-1]
+        ckpt = load_checkpoint(last_ckpt)
+        _load_full_state(model, optimizer, ckpt, sharded)
+        set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+        start_iter = ckpt["iteration"] + 1
+        if main and not quiet:
+            eprint(f"resuming from {last_ckpt} at iteration {start_iter}")
+    elif resume and main and not quiet:
+        eprint(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch")
+
+    amp_dtype = _autocast_dtype(cfg, device)
+    scaler = (
+        torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 and cfg.compute_precision.grad_scaler else None
+    )
+    loader = _build_loader(cfg, data, start_iter, world, rank)
+    log = MetricsLog(output_dir, start_iter, enabled=main)
+    progress = _Progress(max_iter, start_iter, enabled=main and not quiet and progress_enabled())
+    last: dict[str, float] = {}
+    skipped = 0
+    t0, n_images = time.perf_counter(), 0
+    try:
+        for it, batch in zip(range(start_iter, max_iter), loader, strict=False):
+            skipped += batch["n_skipped"]
+            if "collated_global_crops" not in batch:
+                continue
+            batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            lr, wd, mom = schedules.lr[it], schedules.wd[it], schedules.momentum[it]
+            teacher_temp = schedules.teacher_temp[it]
+            apply_optim_scheduler(optimizer, lr, wd, schedules.last_layer_lr[it])
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                parts = model.forward_backward(batch, teacher_temp=teacher_temp, scaler=scaler)
+            values = dist_utils.all_reduce_mean(parts)
+            if not math.isfinite(values["total_loss"]):
+                shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items() if "loss" in k)
+                raise DinoforgeError(
+                    f"non-finite loss at iteration {it} ({shown}); last good checkpoint: {last_ckpt or 'none'}"
+                )
+            if not sharded:
+                dist_utils.average_gradients(list(model.student.values()))
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if cfg.optim.clip_grad:
+                for m in model.student.values():
+                    torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.optim.clip_grad)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            model.update_teacher(mom)
+
+            n_images += batch["collated_global_crops"].shape[0] // 2 * world
+            ips = n_images / (time.perf_counter() - t0)
+            last = {**values, "lr": lr, "wd": wd, "momentum": mom, "teacher_temp": teacher_temp, "images_per_s": ips}
+            if it % cfg.train.log_period_iterations == 0 or it == max_iter - 1:
+                log.log(it, last)
+            progress.update(
+                f"loss {values['total_loss']:.3f} dino {values.get('dino_global_crops_loss', 0):.3f} "
+                f"ibot {values.get('ibot_loss', 0):.3f} koleo {values.get('koleo_loss', 0):.3f} "
+                f"lr {lr:.2e} {ips:.0f} img/s"
+            )
+            if (it + 1) % ckpt_period == 0 or it == max_iter - 1:
+                last_ckpt = _checkpoint(cfg, model, optimizer, it, ckpt_dir, sharded, main)
+            eval_period = cfg.evaluation.eval_period_iterations
+            if eval_period > 0 and (it + 1) % eval_period == 0 and it != max_iter - 1:
+                _periodic_eval(cfg, model, it, output_dir, sharded, main, device, log)
+    finally:
+        progress.close()
+    state = _model_state(model, sharded)
+    teacher_path = output_dir / "teacher_backbone.safetensors"
+    summary = {"iterations": max_iter, "last": last, "skipped_images": skipped, "teacher": str(teacher_path)}
+    if main:
+        export_teacher(state, model.arch, teacher_path)
+        write_json(output_dir / "train_summary.json", summary)
+    log.close()
+    dist_utils.barrier()
+    return summary
+
+
+def _checkpoint(cfg, model, optimizer, it: int, ckpt_dir: Path, sharded: bool, main: bool) -> Path | None:
+    model_state, optim_state = _model_state(model, sharded), _optim_state(model, optimizer, sharded)
+    rng = rng_state()
+    if dist_utils.world_size() > 1:
+        gathered = [None] * dist_utils.world_size()
+        torch.distributed.all_gather_object(gathered, rng)
+        rng = gathered
+    path = None
+    if main:
+        payload = {
+            "model": model_state,
+            "optimizer": optim_state,
+            "rng": rng,
+            "config": OmegaConf.to_container(cfg),
+            "arch": model.arch,
+        }
+        path = save_checkpoint(ckpt_dir, it, payload, keep=cfg.train.keep_checkpoints)
+    dist_utils.barrier()
+    return path
+
+
+def _periodic_eval(cfg, model, it: int, output_dir: Path, sharded: bool, main: bool, device, log: MetricsLog) -> None:
+    """Export the teacher backbone (and run k-NN when labelled data is configured)."""
+    state = _model_state(model, sharded)
+    if not main:
+        return
+    eval_dir = output_dir / "eval" / f"training_{it}"
+    path = export_teacher(state, model.arch, eval_dir / "teacher_backbone.safetensors")
+    if cfg.evaluation.knn_train_data and cfg.evaluation.knn_val_data:
+        from dinoforge.eval.knn import knn_eval_backbone
+
+        backbone = load_backbone(str(path), device=str(device))
+        metrics = knn_eval_backbone(
+            backbone,
+            cfg.evaluation.knn_train_data,
+            cfg.evaluation.knn_val_data,
+            ks=(cfg.evaluation.knn_k,),
+            device=str(device),
+        )
+        write_json(eval_dir / "knn.json", metrics)
+        log.log(it, {f"knn_{k}": v for k, v in metrics.items() if isinstance(v, float)})

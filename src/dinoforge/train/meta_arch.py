@@ -1,0 +1,200 @@
+"""Student/teacher pair with DINO, iBOT and KoLeo losses: one forward/backward of the DINOv2 recipe."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+from dinoforge.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
+from dinoforge.models.heads import DINOHead
+from dinoforge.models.vision_transformer import DinoVisionTransformer
+
+ARCH_PRESETS = {
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
+    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
+    "vit_giant2": dict(embed_dim=1536, depth=40, num_heads=24),
+}
+
+
+def backbone_kwargs(cfg: DictConfig) -> dict:
+    """Constructor kwargs of the student backbone from the official `student`/`crops` keys."""
+    s = cfg.student
+    if s.arch not in ARCH_PRESETS:
+        from dinoforge.utils import DinoforgeError
+
+        raise DinoforgeError(f"unknown student.arch {s.arch!r}; choose from {', '.join(ARCH_PRESETS)}")
+    kw = dict(ARCH_PRESETS[s.arch])
+    for key in ("embed_dim", "depth", "num_heads"):
+        if s[key] is not None:
+            kw[key] = int(s[key])
+    kw.update(
+        img_size=cfg.crops.global_crops_size,
+        patch_size=s.patch_size,
+        in_chans=s.in_chans,
+        init_values=s.layerscale,
+        ffn_layer=s.ffn_layer,
+        block_chunks=s.block_chunks,
+        qkv_bias=s.qkv_bias,
+        proj_bias=s.proj_bias,
+        ffn_bias=s.ffn_bias,
+        num_register_tokens=s.num_register_tokens,
+        interpolate_antialias=s.interpolate_antialias,
+        interpolate_offset=s.interpolate_offset,
+    )
+    return kw
+
+
+def _head(in_dim: int, c: DictConfig) -> DINOHead:
+    return DINOHead(
+        in_dim=in_dim,
+        out_dim=c.head_n_prototypes,
+        hidden_dim=c.head_hidden_dim,
+        bottleneck_dim=c.head_bottleneck_dim,
+        nlayers=c.head_nlayers,
+    )
+
+
+class SSLMetaArch(nn.Module):
+    """DINOv2 student (backbone + heads, trained) and EMA teacher (same architecture, no gradients)."""
+
+    def __init__(self, cfg: DictConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.arch = backbone_kwargs(cfg)
+        student_backbone = DinoVisionTransformer(
+            **self.arch, drop_path_rate=cfg.student.drop_path_rate, drop_path_uniform=cfg.student.drop_path_uniform
+        )
+        teacher_backbone = DinoVisionTransformer(**self.arch)
+        embed_dim = student_backbone.embed_dim
+        self.do_dino = cfg.dino.loss_weight > 0
+        self.do_koleo = cfg.dino.koleo_loss_weight > 0
+        self.do_ibot = cfg.ibot.loss_weight > 0
+        self.ibot_separate_head = self.do_ibot and cfg.ibot.separate_head
+
+        student = {"backbone": student_backbone, "dino_head": _head(embed_dim, cfg.dino)}
+        if self.ibot_separate_head:
+            student["ibot_head"] = _head(embed_dim, cfg.ibot)
+        self.student = nn.ModuleDict(student)
+        teacher = {"backbone": teacher_backbone}
+        teacher.update({k: copy.deepcopy(v) for k, v in student.items() if k != "backbone"})
+        self.teacher = nn.ModuleDict(teacher)
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.teacher.requires_grad_(False)
+
+        self.dino_loss = DINOLoss(cfg.dino.head_n_prototypes)
+        ibot_dim = cfg.ibot.head_n_prototypes if self.ibot_separate_head else cfg.dino.head_n_prototypes
+        self.ibot_patch_loss = iBOTPatchLoss(ibot_dim)
+        self.koleo_loss = KoLeoLoss()
+
+    def train(self, mode: bool = True) -> SSLMetaArch:
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def load_pretrained_backbone(self, backbone: nn.Module) -> None:
+        """Start student and teacher from existing backbone weights (heads stay freshly initialised)."""
+        state = backbone.state_dict()
+        self.student.backbone.load_state_dict(state)
+        self.teacher.backbone.load_state_dict(state)
+
+    def _centered_teacher(self, logits: torch.Tensor, loss: nn.Module, temp: float, n_tokens=None):
+        if self.cfg.train.centering == "sinkhorn_knopp":
+            if n_tokens is None:
+                return loss.sinkhorn_knopp_teacher(logits, teacher_temp=temp)
+            return loss.sinkhorn_knopp_teacher(logits, teacher_temp=temp, n_masked_patches_tensor=n_tokens)
+        probs = loss.softmax_center_teacher(logits, teacher_temp=temp)
+        loss.update_center(logits)
+        return probs
+
+    @torch.no_grad()
+    def _teacher_targets(self, batch: dict, temp: float):
+        global_crops = batch["collated_global_crops"]
+        mask_indices = batch["mask_indices_list"]
+        out = self.teacher.backbone.forward_features(global_crops)
+        cls_a, cls_b = out["x_norm_clstoken"].chunk(2)
+        cls = torch.cat((cls_b, cls_a))  # swapped: student crop A is matched to teacher crop B
+        patches = out["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)
+        if self.do_ibot and not self.ibot_separate_head:
+            logits = self.teacher.dino_head(torch.cat((cls, patches)))
+            cls_logits, patch_logits = logits[: len(cls)], logits[len(cls) :]
+        else:
+            cls_logits = self.teacher.dino_head(cls)
+            patch_logits = self.teacher.ibot_head(patches) if self.do_ibot else None
+        dino_t = self._centered_teacher(cls_logits, self.dino_loss, temp).view(2, -1, cls_logits.shape[-1])
+        ibot_t = None
+        if self.do_ibot:
+            n_masked = batch["n_masked_patches"].to(patch_logits.device)
+            ibot_t = self._centered_teacher(patch_logits, self.ibot_patch_loss, temp, n_tokens=n_masked)
+        probs = dino_t.flatten(0, 1).float()
+        metrics = {
+            "teacher_entropy": -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean() / math.log(probs.shape[-1]),
+            "teacher_cls_std": F.normalize(cls.float(), dim=-1).std(0).mean() * math.sqrt(cls.shape[-1]),
+        }
+        return dino_t, ibot_t, metrics
+
+    def forward_backward(self, batch: dict, teacher_temp: float, scaler=None) -> dict[str, torch.Tensor]:
+        """Compute all losses for one batch, backpropagate the total, return the detached parts and indicators."""
+        n_local = self.cfg.crops.local_crops_number
+        masks = batch["collated_masks"]
+        mask_indices = batch["mask_indices_list"]
+        dino_t, ibot_t, metrics = self._teacher_targets(batch, teacher_temp)
+
+        s_global, s_local = self.student.backbone.forward_features(
+            [batch["collated_global_crops"], batch["collated_local_crops"]], [masks, None]
+        )
+        s_global_cls = s_global["x_norm_clstoken"]
+        s_patches = s_global["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)
+        head_in = [s_local["x_norm_clstoken"] if n_local > 0 else s_global_cls[:0], s_global_cls]
+        if self.do_ibot and not self.ibot_separate_head:
+            head_in.append(s_patches)
+        sizes = [len(t) for t in head_in]
+        head_out = self.student.dino_head(torch.cat(head_in)).split(sizes)
+        local_logits, global_logits = head_out[0], head_out[1]
+        if self.do_ibot:
+            patch_logits = head_out[2] if not self.ibot_separate_head else self.student.ibot_head(s_patches)
+
+        n_terms = 2 + 2 * n_local  # each student crop against each teacher global crop but its own
+        losses: dict[str, torch.Tensor] = {}
+        total = torch.zeros((), device=s_global_cls.device)
+        if self.do_dino:
+            if n_local > 0:
+                losses["dino_local_crops_loss"] = (
+                    self.dino_loss(list(local_logits.chunk(n_local)), list(dino_t)) / n_terms
+                )
+            losses["dino_global_crops_loss"] = self.dino_loss([global_logits], [dino_t.flatten(0, 1)]) * 2 / n_terms
+            total = total + self.cfg.dino.loss_weight * sum(losses.values())
+            if self.do_koleo:
+                losses["koleo_loss"] = self.cfg.dino.koleo_loss_weight * sum(
+                    self.koleo_loss(c) for c in s_global_cls.chunk(2)
+                )
+                total = total + losses["koleo_loss"]
+        if self.do_ibot:
+            losses["ibot_loss"] = self.ibot_patch_loss.forward_masked(
+                patch_logits,
+                ibot_t,
+                student_masks_flat=masks,
+                n_masked_patches=len(mask_indices),
+                masks_weight=batch["masks_weight"],
+            )
+            total = total + self.cfg.ibot.loss_weight * losses["ibot_loss"]
+        (scaler.scale(total) if scaler is not None else total).backward()
+        out = {k: v.detach() for k, v in losses.items()}
+        out["total_loss"] = total.detach()
+        out.update(metrics)
+        return out
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """EMA: teacher ← m·teacher + (1−m)·student, over every parameter of every submodule."""
+        t_params, s_params = [], []
+        for k in self.student:
+            for pt, ps in zip(self.teacher[k].parameters(), self.student[k].parameters(), strict=True):
+                t_params.append(pt.to_local() if hasattr(pt, "to_local") else pt)
+                s_params.append(ps.to_local() if hasattr(ps, "to_local") else ps)
+        torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)

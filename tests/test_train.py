@@ -1,0 +1,331 @@
+"""Training: config handling, the meta-architecture's losses, exact resume, NaN stop, 2 processes == 1 process."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dinoforge.config.config import load_config
+from dinoforge.utils import DinoforgeError
+
+TINY = [
+    "student.embed_dim=32",
+    "student.depth=2",
+    "student.num_heads=2",
+    "student.patch_size=4",
+    "crops.global_crops_size=16",
+    "crops.local_crops_size=8",
+    "crops.local_crops_number=2",
+    "dino.head_n_prototypes=64",
+    "dino.head_hidden_dim=32",
+    "dino.head_bottleneck_dim=16",
+    "ibot.head_n_prototypes=64",
+    "ibot.head_hidden_dim=32",
+    "ibot.head_bottleneck_dim=16",
+    "train.batch_size_per_gpu=8",
+    "train.num_workers=0",
+    "train.OFFICIAL_EPOCH_LENGTH=4",
+    "optim.epochs=2",
+    "optim.warmup_epochs=1",
+    "teacher.warmup_teacher_temp_epochs=1",
+    "train.log_period_iterations=1",
+    "train.checkpoint_period_iterations=2",
+]
+
+
+def tiny_cfg(*extra: str):
+    return load_config("demo", TINY + list(extra))
+
+
+def read_metrics(path: Path) -> list[dict]:
+    with open(path / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_unknown_key_fails_naming_close_matches():
+    with pytest.raises(DinoforgeError) as e:
+        load_config("demo", ["optim.base_lrr=0.1"])
+    assert "optim.base_lrr" in str(e.value) and "optim.base_lr" in str(e.value)
+    with pytest.raises(DinoforgeError, match="student.arch"):
+        load_config(None, ["student.arh=vit_small"])
+
+
+def test_unknown_key_in_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  epochs: 3\n  wight_decay: 0.1\n")
+    with pytest.raises(DinoforgeError, match="optim.weight_decay"):
+        load_config(bad)
+    with pytest.raises(DinoforgeError, match="config not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_official_config_layout_loads_and_overrides_apply():
+    import dinov2.configs
+
+    official = Path(dinov2.configs.__file__).parent / "ssl_default_config.yaml"
+    cfg = load_config(official, ["optim.epochs=7", "crops.local_crops_number=0"])
+    assert cfg.optim.epochs == 7 and cfg.crops.local_crops_number == 0
+    assert cfg.student.arch == "vit_large" and cfg.train.centering == "centering"
+    for preset in ("demo", "vits14", "vitb14", "vitl14", "vitl16_short", "vitg14"):
+        load_config(preset)
+
+
+# ---------------------------------------------------------------- meta-architecture
+
+
+def _batch(cfg, B=4, seed=0):
+    from dinoforge.data.collate import collate_data_and_cast
+    from dinoforge.data.masking import MaskingGenerator
+
+    g, loc, p = cfg.crops.global_crops_size, cfg.crops.local_crops_size, cfg.student.patch_size
+    gen = torch.Generator().manual_seed(seed)
+    samples = [
+        (
+            {
+                "global_crops": [torch.randn(3, g, g, generator=gen) for _ in range(2)],
+                "local_crops": [torch.randn(3, loc, loc, generator=gen) for _ in range(cfg.crops.local_crops_number)],
+            },
+            (),
+        )
+        for _ in range(B)
+    ]
+    n = (g // p) ** 2
+    return collate_data_and_cast(
+        samples,
+        (0.1, 0.5),
+        0.5,
+        torch.float32,
+        n_tokens=n,
+        mask_generator=MaskingGenerator((g // p, g // p), max_num_patches=0.5 * n),
+    )
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_losses_match_independent_computation_with_official_loss_classes(separate):
+    """forward_backward's parts equal the recipe assembled by hand from the official dinov2.loss classes."""
+    from dinov2.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
+
+    from dinoforge.train.meta_arch import SSLMetaArch
+
+    cfg = tiny_cfg("train.centering=centering", f"ibot.separate_head={separate}", "student.layerscale=1.0")
+    torch.manual_seed(0)
+    model = SSLMetaArch(cfg).train()
+    with torch.no_grad():  # a teacher that differs from the student
+        for p in model.teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = _batch(cfg)
+    got = model.forward_backward(batch, teacher_temp=0.05)
+
+    K, T = cfg.dino.head_n_prototypes, 0.05
+    n_local = cfg.crops.local_crops_number
+    with torch.no_grad():
+        t = model.teacher.backbone.forward_features(batch["collated_global_crops"])
+        a, b = t["x_norm_clstoken"].chunk(2)
+        t_cls = model.teacher.dino_head(torch.cat([b, a]))
+        t_patch = t["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices_list"]]
+        t_patch = (model.teacher.ibot_head if separate else model.teacher.dino_head)(t_patch)
+    s_g = model.student.backbone.forward_features(batch["collated_global_crops"], masks=batch["collated_masks"])
+    s_l = model.student.backbone.forward_features(batch["collated_local_crops"])
+    dl, il = DINOLoss(K), iBOTPatchLoss(K)
+    t_probs = dl.softmax_center_teacher(t_cls, T).view(2, -1, K)
+    t_patch_probs = il.softmax_center_teacher(t_patch.unsqueeze(0), T).squeeze(0)
+    s_local = model.student.dino_head(s_l["x_norm_clstoken"])
+    s_global = model.student.dino_head(s_g["x_norm_clstoken"])
+    s_patch = s_g["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices_list"]]
+    s_patch = (model.student.ibot_head if separate else model.student.dino_head)(s_patch)
+    terms = 2 + 2 * n_local
+    want_local = dl(list(s_local.chunk(n_local)), list(t_probs)) / terms
+    want_global = dl([s_global], [t_probs.flatten(0, 1)]) * 2 / terms
+    want_koleo = cfg.dino.koleo_loss_weight * sum(KoLeoLoss()(c) for c in s_g["x_norm_clstoken"].chunk(2))
+    want_ibot = il.forward_masked(
+        s_patch,
+        t_patch_probs,
+        student_masks_flat=batch["collated_masks"],
+        n_masked_patches=len(batch["mask_indices_list"]),
+        masks_weight=batch["masks_weight"],
+    )
+    for name, want in [
+        ("dino_local_crops_loss", want_local),
+        ("dino_global_crops_loss", want_global),
+        ("koleo_loss", want_koleo),
+        ("ibot_loss", want_ibot),
+    ]:
+        assert torch.allclose(got[name], want, rtol=1e-5, atol=1e-6), name
+    total = want_local + want_global + want_koleo + want_ibot
+    assert torch.allclose(got["total_loss"], total, rtol=1e-5)
+    # the student got gradients, the teacher none
+    assert model.student.backbone.cls_token.grad is not None
+    assert all(p.grad is None for p in model.teacher.parameters())
+    # the centre moved towards the batch mean (EMA update happened)
+    assert model.dino_loss.center.abs().sum() > 0
+
+
+def test_teacher_ema_update():
+    from dinoforge.train.meta_arch import SSLMetaArch
+
+    model = SSLMetaArch(tiny_cfg())
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in model.teacher.parameters()]
+    model.update_teacher(0.9)
+    for t0, t1, s in zip(before, model.teacher.parameters(), model.student.parameters(), strict=True):
+        assert torch.allclose(t1, 0.9 * t0 + 0.1 * s, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def test_train_writes_outputs_and_resume_is_exact(tmp_path, monkeypatch):
+    from dinoforge.models.weights import load_backbone
+    from dinoforge.train import loop
+
+    full = tmp_path / "full"
+    summary = loop.train(tiny_cfg(), full, data="bundled:train", quiet=True)
+    assert Path(summary["teacher"]).exists()
+    backbone = load_backbone(summary["teacher"])
+    assert backbone.embed_dim == 32
+    ref = read_metrics(full)
+    assert [int(r["iteration"]) for r in ref] == list(range(8))
+    assert all(math.isfinite(float(r["total_loss"])) for r in ref)
+
+    # crash right after the checkpoint of iteration 3, then resume
+    real = loop._checkpoint
+
+    def crash_after(cfg, model, optimizer, it, *a, **k):
+        path = real(cfg, model, optimizer, it, *a, **k)
+        if it == 3:
+            raise KeyboardInterrupt
+        return path
+
+    part = tmp_path / "part"
+    monkeypatch.setattr(loop, "_checkpoint", crash_after)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(tiny_cfg(), part, data="bundled:train", quiet=True)
+    monkeypatch.setattr(loop, "_checkpoint", real)
+    loop.train(tiny_cfg(), part, data="bundled:train", resume=True, quiet=True)
+    got = read_metrics(part)
+    assert [int(r["iteration"]) for r in got] == list(range(8))
+    for r_ref, r_got in zip(ref, got, strict=True):
+        for key in ("total_loss", "dino_global_crops_loss", "ibot_loss", "koleo_loss", "lr", "teacher_temp"):
+            assert float(r_got[key]) == pytest.approx(float(r_ref[key]), rel=1e-6, abs=1e-7), (r_ref["iteration"], key)
+    a = load_backbone(full / "teacher_backbone.safetensors").state_dict()
+    b = load_backbone(part / "teacher_backbone.safetensors").state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_nan_loss_stops_naming_step_and_checkpoint(tmp_path, monkeypatch):
+    from dinoforge.train import loop
+    from dinoforge.train.meta_arch import SSLMetaArch
+
+    real = SSLMetaArch.forward_backward
+    calls = {"n": 0}
+
+    def poisoned(self, batch, teacher_temp, scaler=None):
+        out = real(self, batch, teacher_temp, scaler)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            out["total_loss"] = torch.tensor(float("nan"))
+        return out
+
+    monkeypatch.setattr(SSLMetaArch, "forward_backward", poisoned)
+    with pytest.raises(
+        DinoforgeError, match=r"non-finite loss at iteration 2 .*last good checkpoint: .*model_0000001\.pth"
+    ):
+        loop.train(tiny_cfg(), tmp_path, data="bundled:train", quiet=True)
+
+
+def test_pretrained_weights_start(tmp_path):
+    from dinoforge.models.weights import build_backbone, save_backbone
+    from dinoforge.train.meta_arch import SSLMetaArch, backbone_kwargs
+
+    cfg = tiny_cfg()
+    src = build_backbone(backbone_kwargs(cfg))
+    with torch.no_grad():
+        src.cls_token.fill_(0.5)
+    path = save_backbone(src, tmp_path / "w.safetensors")
+    from dinoforge.models.weights import load_backbone
+
+    model = SSLMetaArch(cfg)
+    model.load_pretrained_backbone(load_backbone(str(path)))
+    assert torch.equal(model.student.backbone.cls_token, src.cls_token)
+    assert torch.equal(model.teacher.backbone.cls_token, src.cls_token)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out: str, overrides: list[str]) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        DINOFORGE_NO_PROGRESS="1",
+    )
+    torch.set_num_threads(1)
+    from dinoforge.train import distributed, loop
+
+    loop.train(load_config("demo", overrides), Path(out), data="bundled:train", quiet=True)
+    distributed.shutdown()
+
+
+def test_two_processes_match_one_process(tmp_path):
+    """Same global batch (8) as 1×8 and 2×4 over gloo: identical losses and teacher (iBOT masks and KoLeo are
+    per-process batch statistics by design, so they are switched off here)."""
+    import torch.multiprocessing as mp
+
+    common = TINY + [
+        "ibot.loss_weight=0",
+        "dino.koleo_loss_weight=0",
+        "train.centering=sinkhorn_knopp",
+        "optim.epochs=1",
+    ]
+    one = common + ["train.batch_size_per_gpu=8"]
+    two = common + ["train.batch_size_per_gpu=4"]
+    mp.start_processes(_worker, args=(1, _free_port(), str(tmp_path / "one"), one), nprocs=1, start_method="spawn")
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path / "two"), two), nprocs=2, start_method="spawn")
+    a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert len(a) == len(b) == 4
+    for ra, rb in zip(a, b, strict=True):
+        assert float(rb["total_loss"]) == pytest.approx(float(ra["total_loss"]), rel=1e-4)
+        assert float(rb["lr"]) == pytest.approx(float(ra["lr"]))  # sqrt scaling uses the global batch
+    from dinoforge.models.weights import load_backbone
+
+    ta = load_backbone(tmp_path / "one" / "teacher_backbone.safetensors").state_dict()
+    tb = load_backbone(tmp_path / "two" / "teacher_backbone.safetensors").state_dict()
+    assert max((ta[k] - tb[k]).abs().max().item() for k in ta) < 1e-4
+
+
+def test_cli_bad_key_is_one_line(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "dinoforge", "train", "-o", str(tmp_path), "optim.epoch=3"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DINOFORGE_NO_PROGRESS": "1"},
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "optim.epochs" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_koleo_is_part_of_total_and_finite_at_batch_one():
+    from dinoforge.losses import KoLeoLoss
+
+    x = F.normalize(torch.randn(1, 8), dim=-1)
+    assert torch.isfinite(KoLeoLoss()(x))
