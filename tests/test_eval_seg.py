@@ -118,3 +118,72 @@ def test_list_pairs_reports_missing_masks(tmp_path: Path):
         list_pairs(tmp_path, "masks", (".png",))
     Image.new("L", (8, 8)).save(tmp_path / "masks" / "b.png")
     assert [p[0].name for p in list_pairs(tmp_path, "masks", (".png",))] == ["a.jpg", "b.png"]
+
+
+def make_seg_folder(root: Path, n: int, size: int, seed: int) -> None:
+    """Images split at a random column: red-ish left = class 1, blue-ish right = class 0; top row ignored."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(n):
+        cut = int(rng.integers(size // 4, 3 * size // 4))
+        img = rng.integers(0, 80, size=(size, size, 3)).astype(np.uint8)
+        img[:, :cut, 0] = rng.integers(170, 255, size=(size, cut))
+        img[:, cut:, 2] = rng.integers(170, 255, size=(size, size - cut))
+        mask = np.zeros((size, size), dtype=np.uint8)
+        mask[:, :cut] = 1
+        mask[0] = IGNORE_INDEX
+        Image.fromarray(img).save(root / "images" / f"im{i}.jpg", quality=95)
+        Image.fromarray(mask).save(root / "masks" / f"im{i}.png")
+
+
+def test_multiscale_flip_is_mirror_equivariant():
+    from dinoforge.eval.segmentation import LinearSegHead, predict_seg_multiscale
+
+    vit = tiny_official_vit()
+    head = LinearSegHead(64, 3).eval()
+    img = torch.randn(3, 30, 30)
+    kw = dict(out_size=(30, 30), layers=1, side=32, scales=(1.0, 1.5), flip=True)
+    p = predict_seg_multiscale(vit, head, img, **kw)
+    p_mirror = predict_seg_multiscale(vit, head, img.flip(-1), **kw)
+    assert p.shape == (3, 30, 30)
+    torch.testing.assert_close(p.sum(0), torch.ones(30, 30))
+    torch.testing.assert_close(p_mirror, p.flip(-1), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_seg_command_end_to_end(tmp_path: Path, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from dinoforge.cli import app
+    from dinoforge.models.vision_transformer import DinoVisionTransformer
+    from dinoforge.models.weights import save_backbone
+
+    torch.manual_seed(0)
+    vit = DinoVisionTransformer(
+        img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, init_values=1.0
+    )
+    weights = save_backbone(vit, tmp_path / "tiny.safetensors")
+    make_seg_folder(tmp_path / "train", 24, 32, seed=0)
+    make_seg_folder(tmp_path / "val", 6, 40, seed=1)
+    monkeypatch.setenv("DINOFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    args = ["eval", "seg", "--weights", str(weights), "--train-data", str(tmp_path / "train"),
+            "--val-data", str(tmp_path / "val"), "--size", "32", "--epochs", "30", "--lr", "1e-2",
+            "--batch-size", "8", "--device", "cpu"]  # fmt: skip
+    runner = CliRunner()
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "o1")])
+    assert res.exit_code == 0, res.output
+    assert str(tmp_path / "o1") in res.output
+    m1 = json.loads((tmp_path / "o1" / "metrics.json").read_text())
+    assert m1["num_classes"] == 2 and m1["num_pixels"] == 6 * 39 * 40  # original val size, top row ignored
+    assert m1["miou"] > 0.9, m1
+    assert len(list((tmp_path / "cache").glob("dense_*.pt"))) == 2  # train and val features cached
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "o2")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "o2" / "metrics.json").read_text())["miou"] == m1["miou"]
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "o3"), "--ms-scales", "1.0,1.5", "--flip"])
+    assert res.exit_code == 0, res.output
+    m3 = json.loads((tmp_path / "o3" / "metrics.json").read_text())
+    assert m3["scales"] == [1.0, 1.5] and m3["miou"] > 0.9

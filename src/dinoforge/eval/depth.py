@@ -24,6 +24,7 @@ import typer
 from torch import nn
 
 from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, WeightsOpt, load_model_from_opts
+from dinoforge.eval.features import CacheOpt, model_fingerprint
 from dinoforge.eval.segmentation import (
     extract_dense,
     list_pairs,
@@ -206,8 +207,10 @@ def run_depth_eval(
     lr: float = 1e-3,
     batch_size: int = 16,
     device: torch.device | str = "cpu",
+    fingerprint: str | None = None,
 ) -> dict:
-    """Extract lin.1/lin.4 features, train the head, score the val set; write metrics.json and head.pt."""
+    """Extract lin.1/lin.4 features (cached, given a backbone fingerprint), train the head, score the
+    val set; write metrics.json and head.pt."""
     backbone = backbone.to(device).eval()
     num_blocks = getattr(backbone, "n_blocks", None) or len(backbone.blocks)
     blocks = depth_layer_indices(num_blocks, layers)
@@ -218,7 +221,7 @@ def run_depth_eval(
     def feats(pairs: list[tuple[Path, Path]], what: str) -> torch.Tensor:
         paths = [p for p, _ in pairs]
         return extract_dense(backbone, paths, side, blocks, norm=False, with_cls=True, batch_size=batch_size,
-                             device=device, description=what)  # fmt: skip
+                             device=device, description=what, fingerprint=fingerprint)  # fmt: skip
 
     train_feats = feats(train_pairs, "train features")
     target = torch.stack([resize_nearest(load_depth(d), side) for _, d in track(train_pairs, "train depth")])
@@ -267,6 +270,7 @@ def depth_command(
     lr: Annotated[float, typer.Option("--lr", help="AdamW peak learning rate.")] = 1e-3,
     batch_size: BatchOpt = 16,
     device: DeviceOpt = "auto",
+    cache: CacheOpt = True,
 ) -> None:
     """Monocular depth linear probe (lin.1/lin.4, 256 bins): RMSE, AbsRel, delta1 on the val set.
 
@@ -276,10 +280,11 @@ def depth_command(
     """
     dev = resolve_device(device)
     backbone = load_model_from_opts(model, weights, str(dev))
+    fingerprint = model_fingerprint(backbone, weights if weights is not None else model) if cache else None
     result = run_depth_eval(
         backbone, train_data, val_data, out, layers=layers, size=size, n_bins=n_bins, min_depth=min_depth,
         max_depth=max_depth, norm_strategy=norm_strategy, epochs=epochs, lr=lr, batch_size=batch_size,
-        device=dev,
+        device=dev, fingerprint=fingerprint,
     )  # fmt: skip
     print(f"RMSE {result['rmse']:.4f}  AbsRel {result['abs_rel']:.4f}  delta1 {result['delta1']:.4f}")
     print(f"results in {out}")

@@ -26,6 +26,7 @@ from torch import nn
 from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, WeightsOpt, load_model_from_opts
 from dinoforge.data.datasets import is_image_file, load_image
 from dinoforge.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from dinoforge.eval.features import CacheOpt, cache_root, feature_key, model_fingerprint
 from dinoforge.utils import DinoforgeError, atomic_torch_save, resolve_device, track, write_json
 
 IGNORE_INDEX = 255
@@ -116,14 +117,29 @@ def extract_dense(
     batch_size: int = 16,
     device: torch.device | str = "cpu",
     description: str = "features",
+    fingerprint: str | None = None,
 ) -> torch.Tensor:
-    """Dense frozen features of a list of images at side x side, as one float16 (N, C, h, w) CPU tensor."""
+    """Dense frozen features of a list of images at side x side, as one float16 (N, C, h, w) CPU tensor.
+
+    With a backbone `fingerprint` (eval.features.model_fingerprint) the result is cached on disk, keyed
+    by the backbone, the image files (path, size, mtime) and the extraction settings."""
+    cache_file = None
+    if fingerprint is not None:
+        files = [(str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in paths]
+        layer_id = layers if isinstance(layers, int) else list(layers)
+        settings = f"dense|side={side}|layers={layer_id}|norm={norm}|cls={with_cls}"
+        cache_file = cache_root() / f"dense_{feature_key(fingerprint, repr(files), settings)}.pt"
+        if cache_file.exists():
+            return torch.load(cache_file, map_location="cpu", weights_only=True)
     chunks = []
     starts = range(0, len(paths), batch_size)
     for s in track(starts, description, total=len(starts)):
         batch = torch.stack([image_tensor(p, side) for p in paths[s : s + batch_size]]).to(device)
         chunks.append(dense_features(backbone, batch, layers, norm=norm, with_cls=with_cls).half().cpu())
-    return torch.cat(chunks)
+    feats = torch.cat(chunks)
+    if cache_file is not None:
+        atomic_torch_save(feats, cache_file)
+    return feats
 
 
 def load_mask(path: Path) -> torch.Tensor:
@@ -367,8 +383,10 @@ def run_seg_eval(
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
     device: torch.device | str = "cpu",
+    fingerprint: str | None = None,
 ) -> dict:
-    """Extract features, train the head on `train_data`, score `val_data`; write metrics.json and head.pt."""
+    """Extract features (cached, given a backbone fingerprint), train the head on `train_data`, score
+    `val_data`; write metrics.json and head.pt."""
     if layers < 1:
         raise DinoforgeError(f"--layers must be >= 1, got {layers}")
     backbone = backbone.to(device).eval()
@@ -389,6 +407,7 @@ def run_seg_eval(
         batch_size=batch_size,
         device=device,
         description="train features",
+        fingerprint=fingerprint,
     )
     grid = train_feats.shape[-1]
     target = torch.stack([resize_nearest(m, grid * backbone.patch_size) for m in train_masks])
@@ -405,6 +424,7 @@ def run_seg_eval(
             batch_size=batch_size,
             device=device,
             description="val features",
+            fingerprint=fingerprint,
         )
         metrics = evaluate_seg(head, val_feats, val_masks, num_classes, device=device)
     else:
@@ -468,6 +488,7 @@ def seg_command(
     ] = False,
     batch_size: BatchOpt = 16,
     device: DeviceOpt = "auto",
+    cache: CacheOpt = True,
 ) -> None:
     """Semantic segmentation linear probe: BN + 1x1 conv on frozen patch tokens, mIoU and per-class IoU.
 
@@ -476,6 +497,7 @@ def seg_command(
     """
     dev = resolve_device(device)
     backbone = load_model_from_opts(model, weights, str(dev))
+    fingerprint = model_fingerprint(backbone, weights if weights is not None else model) if cache else None
     result = run_seg_eval(
         backbone,
         train_data,
@@ -490,6 +512,7 @@ def seg_command(
         scales=_parse_scales(ms_scales),
         flip=flip,
         device=dev,
+        fingerprint=fingerprint,
     )
     print(f"mIoU {100 * result['miou']:.2f}  pixel acc {100 * result['pixel_acc']:.2f}")
     print(f"results in {out}")
