@@ -27,7 +27,7 @@ class ThumbnailDescriptor(nn.Module):
     small crops. A randomly initialised ViT has none of these invariances. `forward_features` mirrors a
     backbone's so `extract_features` runs it unchanged."""
 
-    def __init__(self, size: int = 8) -> None:
+    def __init__(self, size: int = 6) -> None:
         super().__init__()
         self.size = size
 
