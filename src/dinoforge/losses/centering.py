@@ -47,17 +47,19 @@ def ema_center(center: torch.Tensor, logits: torch.Tensor, momentum: float) -> t
 
 
 def _logsumexp(x: torch.Tensor, dim: int | None, across_processes: bool) -> torch.Tensor:
-    """log Σ exp(x) over `dim` (all elements when None), optionally over that dim on every process too."""
+    """log Σ exp(x) over `dim` (all elements when None), optionally over that dim on every process too.
+
+    The large tensor is reduced locally (fused op); only the small per-process results are combined.
+    """
     dims = tuple(range(x.dim())) if dim is None else (dim,)
-    if all(x.shape[d] > 0 for d in dims):
-        peak = x.amax(dim=dims, keepdim=True)
-    else:  # no local rows: this process only takes part in the reductions
-        peak = x.new_full([1 if i in dims else n for i, n in enumerate(x.shape)], float("-inf"))
-    if across_processes and _distributed():
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    total = torch.exp(x - peak).sum(dim=dims, keepdim=True)
-    if across_processes:
-        all_reduce_sum(total)
+    local = torch.logsumexp(x, dim=dims, keepdim=True)  # -inf where this process has no rows
+    if not (across_processes and _distributed()):
+        return local
+    peak = local.clone()
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    total = torch.exp(local - peak)
+    dist.all_reduce(total)
     return peak + torch.log(total)
 
 
@@ -76,15 +78,15 @@ def sinkhorn_knopp(
     across processes. The iterations run in the log domain: same result, but large logits/temp cannot
     overflow or underflow to NaN.
     """
-    log_q = (logits.float() / temp).t()  # K x B
-    n_proto = log_q.shape[0]
-    local = log_q.shape[1] if n_samples is None else n_samples
+    log_q = logits.float() / temp  # B x K: rows are samples, columns prototypes
+    n_proto = log_q.shape[1]
+    local = log_q.shape[0] if n_samples is None else n_samples
     n_total = torch.as_tensor(local, dtype=torch.float32, device=log_q.device).clone().reshape(())
     log_b = torch.log(all_reduce_sum(n_total))
     log_k = math.log(n_proto)
 
-    log_q = log_q - _logsumexp(log_q, None, across_processes=True)
+    log_q -= _logsumexp(log_q, None, across_processes=True)
     for _ in range(n_iterations):
-        log_q = log_q - _logsumexp(log_q, 1, across_processes=True) - log_k
-        log_q = log_q - _logsumexp(log_q, 0, across_processes=False) - log_b
-    return torch.exp(log_q + log_b).t()
+        log_q -= _logsumexp(log_q, 0, across_processes=True) + log_k  # each prototype: mass 1/K
+        log_q -= _logsumexp(log_q, 1, across_processes=False) + log_b  # each sample: mass 1/B
+    return log_q.add_(log_b).exp_()
