@@ -85,7 +85,7 @@ class DinoVisionTransformer(nn.Module):
         if drop_path_uniform:
             rates = [drop_path_rate] * depth
         else:
-            rates = [r.item() for r in torch.linspace(0, drop_path_rate, depth)]
+            rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         hidden = int(embed_dim * mlp_ratio)
         self.blocks = nn.ModuleList(
             Block(
