@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from dinoforge.data.datasets import BundledDataset, ImageFolderDataset
 from dinoforge.data.transforms import eval_transform_size, normalize_transform
 from dinoforge.embed import extract_features
+from dinoforge.models import DinoVisionTransformer
 from dinoforge.utils import DinoforgeError
 
 
@@ -72,6 +73,9 @@ def test_extract_features_skips_corrupt_and_batches_mixed_shapes(folder):
         with torch.no_grad():
             ref = model.forward_features(ds[int(i)][0][None])["x_norm_clstoken"][0].numpy()
         np.testing.assert_allclose(row, ref, atol=1e-5, rtol=0)
+    parallel = extract_features(model, ds, batch_size=3, num_workers=2)
+    np.testing.assert_array_equal(parallel["cls"], out["cls"])
+    assert parallel["skipped"].tolist() == [3]
     with pytest.raises(DinoforgeError, match="equal token grids"):
         extract_features(model, ds, batch_size=3, patch_tokens=True)
 
@@ -89,7 +93,6 @@ def test_extract_features_needs_tensors_and_readable_images(folder):
 def test_embed_cli_writes_outputs(folder, tmp_path):
     """End to end from saved weights; features compared with the official model on the same weights."""
     from dinoforge.cli import app
-    from dinoforge.models import DinoVisionTransformer
     from dinoforge.models.weights import save_backbone
 
     official = _official_tiny()
@@ -126,6 +129,15 @@ def test_embed_cli_writes_outputs(folder, tmp_path):
         ref = official(eval_transform_size(32, 4)(Image.open(folder / "img5.png").convert("RGB"))[None])
     np.testing.assert_allclose(feats[4], ref[0].numpy(), atol=1e-5, rtol=0)
 
+
+@pytest.mark.slow
+def test_embed_cli_bundled_with_patch_tokens(tmp_path):
+    """The bundled path of the CLI: native 32 px canvas (rounded to the patch), labels and item names kept."""
+    from dinoforge.cli import app
+    from dinoforge.models.weights import save_backbone
+
+    ours = DinoVisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, block_chunks=0)
+    weights = save_backbone(ours, tmp_path / "tiny.safetensors")
     out2 = tmp_path / "out2"
     res = CliRunner().invoke(
         app, ["embed", "-w", str(weights), "--data", "bundled:val", "--out", str(out2), "--patch-tokens"]

@@ -218,9 +218,11 @@ def test_default_size_never_upscales_and_grid_wraps(tmp_path):
 
     model = _tiny()
     small = BundledDataset("val")[0][0]  # 32 px
-    big = _photo(4, hw=(300, 400))
-    fs, fb = patch_features(model, [small, big])
-    assert fs.grid == (8, 8) and fb.image.shape[:2] == (224, 296) and fb.grid == (56, 74)
+    (fs,) = patch_features(model, [small])
+    assert fs.grid == (8, 8)
+    p16 = DinoVisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, block_chunks=0)
+    (fb,) = patch_features(p16.eval(), [_photo(4, hw=(300, 400))])
+    assert fb.image.shape[:2] == (224, 288) and fb.grid == (14, 18)  # 224 x 298 cropped to 16-multiples
     one_row = np.asarray(Image.open(pca_figure(model, [small] * 8, tmp_path / "8.png")))
     two_rows = np.asarray(Image.open(pca_figure(model, [small] * 10, tmp_path / "10.png")))
     assert abs(one_row.shape[1] - two_rows.shape[1]) < 20  # still 8 columns wide
