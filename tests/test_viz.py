@@ -138,6 +138,12 @@ def test_identical_images_match_every_patch_to_itself():
     order_a, order_b = np.lexsort(m.xy_a.T), np.lexsort(m.xy_b.T)
     np.testing.assert_allclose(m.xy_a[order_a], m.xy_b[order_b])
     np.testing.assert_allclose(m.similarity, 1.0, atol=1e-5)
+    fg = compute_matches(model, img, img, size=32, foreground=True)
+    (mask, _) = foreground_masks(list(m.feats))
+    assert len(fg.similarity) == mask.sum() < 72
+    rows, cols = (fg.xy_a[:, 1] / 4 - 0.5).astype(int), (fg.xy_a[:, 0] / 4 - 0.5).astype(int)
+    assert mask[rows, cols].all()
+    np.testing.assert_allclose(fg.xy_a, fg.xy_b)
 
 
 def test_cls_attention_matches_official_attention_probabilities():

@@ -36,7 +36,7 @@ def foreground_masks(feats: list[PatchFeatures], threshold: float = 0.0) -> list
     score = pca(tokens, 1)[0][:, 0]
     score = score / (score.std() or 1.0)
     border = np.concatenate([_border(*f.grid).ravel() for f in feats])
-    if border.all() or score[border].mean() > score[~border].mean():
+    if not border.all() and score[border].mean() > score[~border].mean():
         score = -score
     masks, start = [], 0
     for f in feats:
