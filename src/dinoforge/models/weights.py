@@ -24,7 +24,10 @@ _SIZES = {
     "l": dict(embed_dim=1024, depth=24, num_heads=16, ffn_layer="mlp"),
     "g": dict(embed_dim=1536, depth=40, num_heads=24, ffn_layer="swiglufused"),
 }
-_HUB_COMMON = dict(img_size=518, patch_size=14, mlp_ratio=4.0, init_values=1.0, block_chunks=0)
+_HUB_COMMON = dict(
+    img_size=518, patch_size=14, mlp_ratio=4.0, init_values=1.0, block_chunks=0,
+    num_register_tokens=0, interpolate_antialias=False, interpolate_offset=0.1,
+)  # fmt: skip
 _REG = dict(num_register_tokens=4, interpolate_antialias=True, interpolate_offset=0.0)
 PRESETS: dict[str, dict[str, Any]] = {}
 for _s, _a in _SIZES.items():
@@ -73,9 +76,7 @@ def load_backbone(
     return model.to(device).eval()
 
 
-def load_state_dict_strict(
-    model: torch.nn.Module, state_dict: dict[str, Tensor], source: str = "weights"
-) -> None:
+def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, Tensor], source: str = "weights") -> None:
     """load_state_dict that raises one DinoforgeError listing missing, unexpected and mis-shaped keys."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
@@ -124,9 +125,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any] | 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and EOF errors all mean "not a usable checkpoint"
-        raise DinoforgeError(
-            f"cannot read weights file {path}: {type(e).__name__}: {_first_line(e)}"
-        ) from None
+        raise DinoforgeError(f"cannot read weights file {path}: {type(e).__name__}: {_first_line(e)}") from None
     if not isinstance(obj, dict):
         raise DinoforgeError(f"weights file {path} holds a {type(obj).__name__}, not a state dict")
     arch = obj.get("arch") if isinstance(obj.get("arch"), dict) else None
@@ -146,9 +145,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, Any] | N
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
-        raise DinoforgeError(
-            f"cannot read weights file {path}: {type(e).__name__}: {_first_line(e)}"
-        ) from None
+        raise DinoforgeError(f"cannot read weights file {path}: {type(e).__name__}: {_first_line(e)}") from None
     arch = json.loads(meta[ARCH_METADATA_KEY]) if ARCH_METADATA_KEY in meta else None
     if any(k.startswith(("embeddings.", "encoder.layer.")) or ".embeddings." in k for k in tensors):
         from dinoforge.export.hf import hf_to_official
