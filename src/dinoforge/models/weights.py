@@ -61,6 +61,8 @@ def load_backbone(
         arch = dict(PRESETS[name])
     else:
         if not Path(name).exists():
+            if "/" in name or Path(name).suffix:
+                raise DinoforgeError(f"weights not found: {name}")
             known = ", ".join(PRESETS)
             raise DinoforgeError(f"unknown backbone {name!r}: not a file or folder and not one of {known}")
         weights = weights if weights is not None else name
