@@ -329,3 +329,29 @@ def test_koleo_is_part_of_total_and_finite_at_batch_one():
 
     x = F.normalize(torch.randn(1, 8), dim=-1)
     assert torch.isfinite(KoLeoLoss()(x))
+
+
+def test_distillation_from_a_training_checkpoint(tmp_path):
+    """A tiny teacher run, then distillation into a narrower student: the teacher stays frozen, the EMA of the
+    student is exported with the student's architecture, and a checkpoint without heads is refused."""
+    from dinoforge.models.weights import load_backbone
+    from dinoforge.train import loop
+    from dinoforge.train.checkpoint import list_checkpoints, load_checkpoint
+
+    loop.train(tiny_cfg("optim.epochs=1"), tmp_path / "teacher", data="bundled:train", quiet=True)
+    ckpt = list_checkpoints(tmp_path / "teacher" / "checkpoints")[-1]
+    cfg = tiny_cfg("optim.epochs=1", "student.embed_dim=16", "student.num_heads=1", "distillation.enabled=true")
+    cfg.distillation.teacher_checkpoint = str(ckpt)
+    summary = loop.train(cfg, tmp_path / "student", data="bundled:train", quiet=True)
+    student = load_backbone(summary["teacher"])
+    assert student.embed_dim == 16
+    state = load_checkpoint(list_checkpoints(tmp_path / "student" / "checkpoints")[-1])["model"]
+    original = load_checkpoint(ckpt)["model"]
+    for k, v in original.items():
+        if k.startswith("teacher."):
+            assert torch.equal(state[k], v), k
+    assert all(math.isfinite(float(r["ibot_loss"])) for r in read_metrics(tmp_path / "student"))
+
+    cfg.distillation.teacher_checkpoint = str(tmp_path / "teacher" / "teacher_backbone.safetensors")
+    with pytest.raises(DinoforgeError, match="needs a training checkpoint with heads|cannot read teacher"):
+        loop.train(cfg, tmp_path / "bad", data="bundled:train", quiet=True)

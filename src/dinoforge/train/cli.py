@@ -53,11 +53,36 @@ def train_command(
     dist_utils.shutdown()
 
 
-def distill_command() -> None:
-    """Distil a teacher backbone into a smaller student (in progress)."""
-    from dinoforge.utils import DinoforgeError
+def distill_command(
+    teacher: Annotated[
+        Path,
+        typer.Option("--teacher", "-t", help="Training checkpoint of the larger model (with its DINO/iBOT heads)."),
+    ],
+    config: Annotated[
+        str, typer.Option("--config", "-c", help="Student config: YAML file or preset (e.g. vits14).")
+    ] = "vits14",
+    data: Annotated[str | None, typer.Option("--data", "-d", help="Image folder, manifest or bundled[:split].")] = None,
+    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Run folder.")] = Path("runs/distill"),
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the newest checkpoint in --output-dir.")
+    ] = False,
+    overrides: OverridesArg = None,
+) -> None:
+    """Distil a frozen larger teacher into the student of --config (DINOv2 §5): same losses and crops, no masking,
+    iBOT on all patches, and a spare EMA of the student exported as the result (teacher_backbone.safetensors)."""
+    from dinoforge.config.config import load_config
+    from dinoforge.train import distributed as dist_utils
+    from dinoforge.train.loop import train
+    from dinoforge.utils import require_file
 
-    raise DinoforgeError("distill: not implemented yet")
+    require_file(teacher, "teacher checkpoint")
+    cfg = load_config(config, [*(overrides or []), "distillation.enabled=true"])
+    cfg.distillation.teacher_checkpoint = str(teacher)
+    summary = train(cfg, output_dir, data=data, resume=resume)
+    if dist_utils.is_main_process():
+        typer.echo(f"distilled student (EMA): {summary['teacher']}")
+        typer.echo(f"results in {output_dir}")
+    dist_utils.shutdown()
 
 
 def demo_command(

@@ -150,10 +150,9 @@ def _load_full_state(model, optimizer, ckpt: dict, sharded: bool) -> None:
     )
 
 
-def export_teacher(model_state: dict, arch: dict, path: Path) -> Path:
-    """Save the teacher backbone as safetensors (with its architecture) for load_backbone."""
+def export_teacher(model_state: dict, arch: dict, path: Path, prefix: str = "teacher.backbone.") -> Path:
+    """Save the backbone under `prefix` (the EMA teacher) as safetensors, with its architecture, for load_backbone."""
     backbone = DinoVisionTransformer(**arch)
-    prefix = "teacher.backbone."
     backbone.load_state_dict({k[len(prefix) :]: v for k, v in model_state.items() if k.startswith(prefix)})
     save_backbone(backbone, path)
     return path
@@ -309,7 +308,7 @@ def train(
     teacher_path = output_dir / "teacher_backbone.safetensors"
     summary = {"iterations": max_iter, "last": last, "skipped_images": skipped, "teacher": str(teacher_path)}
     if main:
-        export_teacher(state, model.arch, teacher_path)
+        export_teacher(state, model.arch, teacher_path, model.export_prefix)
         write_json(output_dir / "train_summary.json", summary)
     log.close()
     dist_utils.barrier()
@@ -343,7 +342,7 @@ def _periodic_eval(cfg, model, it: int, output_dir: Path, sharded: bool, main: b
     if not main:
         return
     eval_dir = output_dir / "eval" / f"training_{it}"
-    path = export_teacher(state, model.arch, eval_dir / "teacher_backbone.safetensors")
+    path = export_teacher(state, model.arch, eval_dir / "teacher_backbone.safetensors", model.export_prefix)
     if cfg.evaluation.knn_train_data and cfg.evaluation.knn_val_data:
         from dinoforge.eval.knn import knn_eval_backbone
 

@@ -61,35 +61,50 @@ def _head(in_dim: int, c: DictConfig) -> DINOHead:
 
 
 class SSLMetaArch(nn.Module):
-    """DINOv2 student (backbone + heads, trained) and EMA teacher (same architecture, no gradients)."""
+    """DINOv2 student (backbone + heads, trained) and teacher (no gradients).
+
+    Pretraining: the teacher is the student's EMA. Distillation (`distillation.enabled`, DINOv2 §5): the teacher is a
+    frozen larger model with its heads, the student sees no masks, iBOT runs on every patch of the global crops,
+    and a spare EMA of the student (`student_ema`) is the model that gets exported.
+    """
 
     def __init__(self, cfg: DictConfig):
         super().__init__()
         self.cfg = cfg
         self.arch = backbone_kwargs(cfg)
+        self.distill = bool(cfg.distillation.enabled)
         student_backbone = DinoVisionTransformer(
             **self.arch, drop_path_rate=cfg.student.drop_path_rate, drop_path_uniform=cfg.student.drop_path_uniform
         )
-        teacher_backbone = DinoVisionTransformer(**self.arch)
         embed_dim = student_backbone.embed_dim
         self.do_dino = cfg.dino.loss_weight > 0
         self.do_koleo = cfg.dino.koleo_loss_weight > 0
         self.do_ibot = cfg.ibot.loss_weight > 0
         self.ibot_separate_head = self.do_ibot and cfg.ibot.separate_head
 
-        student = {"backbone": student_backbone, "dino_head": _head(embed_dim, cfg.dino)}
-        if self.ibot_separate_head:
-            student["ibot_head"] = _head(embed_dim, cfg.ibot)
+        if self.distill:
+            teacher, heads = load_distillation_teacher(cfg.distillation.teacher_checkpoint, self.arch["patch_size"])
+            self.ibot_separate_head = self.do_ibot and "ibot_head" in teacher
+        student = {"backbone": student_backbone}
+        for name, c in (("dino_head", cfg.dino), ("ibot_head", cfg.ibot)):
+            if name == "dino_head" or self.ibot_separate_head:
+                student[name] = DINOHead(**heads[name], in_dim=embed_dim) if self.distill else _head(embed_dim, c)
         self.student = nn.ModuleDict(student)
-        teacher = {"backbone": teacher_backbone}
-        teacher.update({k: copy.deepcopy(v) for k, v in student.items() if k != "backbone"})
-        self.teacher = nn.ModuleDict(teacher)
-        self.teacher.load_state_dict(self.student.state_dict())
+        if self.distill:
+            self.teacher = teacher
+            self.student_ema = copy.deepcopy(self.student)
+            self.student_ema.requires_grad_(False)
+        else:
+            self.teacher = copy.deepcopy(self.student)
+            self.teacher.backbone = DinoVisionTransformer(**self.arch)  # no stochastic depth in the teacher
+            self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
+        self.export_prefix = "student_ema.backbone." if self.distill else "teacher.backbone."
 
-        self.dino_loss = DINOLoss(cfg.dino.head_n_prototypes)
-        ibot_dim = cfg.ibot.head_n_prototypes if self.ibot_separate_head else cfg.dino.head_n_prototypes
-        self.ibot_patch_loss = iBOTPatchLoss(ibot_dim)
+        n_dino = self.student.dino_head.last_layer.weight_v.shape[0]
+        n_ibot = self.student.ibot_head.last_layer.weight_v.shape[0] if self.ibot_separate_head else n_dino
+        self.dino_loss = DINOLoss(n_dino)
+        self.ibot_patch_loss = iBOTPatchLoss(n_ibot)
         self.koleo_loss = KoLeoLoss()
 
     def train(self, mode: bool = True) -> SSLMetaArch:
@@ -98,10 +113,22 @@ class SSLMetaArch(nn.Module):
         return self
 
     def load_pretrained_backbone(self, backbone: nn.Module) -> None:
-        """Start student and teacher from existing backbone weights (heads stay freshly initialised)."""
+        """Start the student (and its EMA) from existing backbone weights; heads stay freshly initialised."""
         state = backbone.state_dict()
         self.student.backbone.load_state_dict(state)
-        self.teacher.backbone.load_state_dict(state)
+        (self.student_ema if self.distill else self.teacher).backbone.load_state_dict(state)
+
+    def _distillation_batch(self, batch: dict) -> dict:
+        """No masking in distillation: iBOT compares every patch token of the global crops."""
+        masks = batch["collated_masks"]
+        n_crops, n_patches = masks.shape
+        return {
+            **batch,
+            "collated_masks": torch.ones_like(masks),
+            "mask_indices_list": torch.arange(masks.numel(), device=masks.device),
+            "masks_weight": torch.full((masks.numel(),), 1.0 / n_patches, device=masks.device),
+            "n_masked_patches": torch.tensor([masks.numel()]),
+        }
 
     def _centered_teacher(self, logits: torch.Tensor, loss: nn.Module, temp: float, n_tokens=None):
         if self.cfg.train.centering == "sinkhorn_knopp":
@@ -141,12 +168,14 @@ class SSLMetaArch(nn.Module):
     def forward_backward(self, batch: dict, teacher_temp: float, scaler=None) -> dict[str, torch.Tensor]:
         """Compute all losses for one batch, backpropagate the total, return the detached parts and indicators."""
         n_local = self.cfg.crops.local_crops_number
+        if self.distill:
+            batch = self._distillation_batch(batch)
         masks = batch["collated_masks"]
         mask_indices = batch["mask_indices_list"]
         dino_t, ibot_t, metrics = self._teacher_targets(batch, teacher_temp)
 
         s_global, s_local = self.student.backbone.forward_features(
-            [batch["collated_global_crops"], batch["collated_local_crops"]], [masks, None]
+            [batch["collated_global_crops"], batch["collated_local_crops"]], [None if self.distill else masks, None]
         )
         s_global_cls = s_global["x_norm_clstoken"]
         s_patches = s_global["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)
@@ -191,10 +220,74 @@ class SSLMetaArch(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """EMA: teacher ← m·teacher + (1−m)·student, over every parameter of every submodule."""
+        """EMA: teacher (student_ema when distilling) ← m·ema + (1−m)·student, over every parameter."""
+        ema = self.student_ema if self.distill else self.teacher
         t_params, s_params = [], []
         for k in self.student:
-            for pt, ps in zip(self.teacher[k].parameters(), self.student[k].parameters(), strict=True):
+            for pt, ps in zip(ema[k].parameters(), self.student[k].parameters(), strict=True):
                 t_params.append(pt.to_local() if hasattr(pt, "to_local") else pt)
                 s_params.append(ps.to_local() if hasattr(ps, "to_local") else ps)
         torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
+
+
+def _head_kwargs(sd: dict[str, torch.Tensor]) -> dict:
+    """DINOHead constructor arguments read off a head's weights."""
+    linears = sorted(
+        int(k.split(".")[1]) for k in sd if k.startswith("mlp.") and k.endswith(".weight") and k.count(".") == 2
+    )
+    first = sd[f"mlp.{linears[0]}.weight"] if linears else sd["mlp.weight"]
+    out_dim, bottleneck = sd["last_layer.weight_v"].shape
+    return dict(
+        out_dim=out_dim,
+        nlayers=max(len(linears), 1),
+        hidden_dim=first.shape[0] if len(linears) > 1 else 2048,
+        bottleneck_dim=bottleneck,
+        use_bn=any(v.dim() == 1 and k.endswith("running_mean") for k, v in sd.items()),
+        mlp_bias=any(k.endswith(".bias") for k in sd),
+    )
+
+
+def load_distillation_teacher(path: str, patch_size: int) -> tuple[nn.ModuleDict, dict[str, dict]]:
+    """The frozen teacher (backbone + heads) of a dinoforge or official training checkpoint, and its head shapes.
+
+    Accepts {"teacher": {backbone.*, dino_head.*, ...}} (official eval checkpoints) and {"model": {teacher.*}}
+    (official and dinoforge training checkpoints); backbone weights alone are refused: the targets need heads.
+    """
+    from dinoforge.models.weights import build_backbone, infer_arch, load_state_dict_strict, normalize_state_dict
+    from dinoforge.utils import DinoforgeError, require_file
+
+    path = str(require_file(path, "distillation teacher checkpoint"))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DinoforgeError(f"cannot read teacher checkpoint {path}: {type(e).__name__}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("teacher"), dict):
+        sd = obj["teacher"]
+    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        sd = {k[len("teacher.") :]: v for k, v in obj["model"].items() if k.startswith("teacher.")}
+    else:
+        sd = {}
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    parts = {
+        name: {k[len(name) + 1 :]: v for k, v in sd.items() if k.startswith(name + ".")}
+        for name in ("backbone", "dino_head", "ibot_head")
+    }
+    if not parts["backbone"] or not parts["dino_head"]:
+        raise DinoforgeError(
+            f"{path} has no teacher backbone + dino_head: distillation needs a training checkpoint with heads"
+        )
+    backbone_sd = normalize_state_dict(parts["backbone"], source=path)
+    arch = obj.get("arch") if isinstance(obj.get("arch"), dict) else infer_arch(backbone_sd)
+    if arch["patch_size"] != patch_size:
+        raise DinoforgeError(
+            f"teacher patch size {arch['patch_size']} differs from the student's {patch_size}: iBOT needs one patch grid"
+        )
+    backbone = build_backbone(arch)
+    load_state_dict_strict(backbone, backbone_sd, source=path)
+    modules, heads = {"backbone": backbone}, {}
+    for name in ("dino_head", "ibot_head"):
+        if parts[name]:
+            heads[name] = _head_kwargs(parts[name])
+            modules[name] = DINOHead(in_dim=backbone.embed_dim, **heads[name])
+            load_state_dict_strict(modules[name], parts[name], source=f"{path} ({name})")
+    return nn.ModuleDict(modules).eval(), heads
