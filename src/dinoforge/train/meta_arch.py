@@ -280,7 +280,8 @@ def load_distillation_teacher(path: str, patch_size: int) -> tuple[nn.ModuleDict
     arch = obj.get("arch") if isinstance(obj.get("arch"), dict) else infer_arch(backbone_sd)
     if arch["patch_size"] != patch_size:
         raise DinoforgeError(
-            f"teacher patch size {arch['patch_size']} differs from the student's {patch_size}: iBOT needs one patch grid"
+            f"teacher patch size {arch['patch_size']} differs from the student's {patch_size}: "
+            "iBOT needs one patch grid"
         )
     backbone = build_backbone(arch)
     load_state_dict_strict(backbone, backbone_sd, source=path)
