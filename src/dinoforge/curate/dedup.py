@@ -41,7 +41,7 @@ def build_index(
         else:
             m = next(m for m in (64, 48, 32, 16, 8, 4, 2, 1) if d % m == 0)
             index = faiss.IndexIVFPQ(quantizer, d, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
-        rows = np.sort(np.random.default_rng(seed).choice(n, size=min(n, 256 * nlist), replace=False))
+        rows = np.sort(np.random.default_rng(seed).choice(n, size=min(n, 64 * nlist), replace=False))
         index.train(normalize(take_rows(data, rows)))
         index.nprobe = nprobe
         if gpu:

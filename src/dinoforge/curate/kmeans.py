@@ -13,6 +13,7 @@ import faiss
 import numpy as np
 import torch
 import torch.distributed as dist
+from scipy.sparse import csr_matrix
 
 from dinoforge.curate.store import Data, dim, iter_batches, num_rows, row_range, take_rows, to_array
 from dinoforge.utils import DinoforgeError, track
@@ -147,9 +148,10 @@ def kmeans_lloyd(
         index.add(centroids.astype(np.float32))
         for _, xb in iter_batches(data, batch_size):
             _, ii = index.search(xb, 1)
-            a = torch.from_numpy(ii[:, 0])
-            sums.index_add_(0, a, torch.from_numpy(xb).double())
-            counts.index_add_(0, a, torch.ones(len(a), dtype=torch.float64))
+            a = ii[:, 0]
+            onehot = csr_matrix((np.ones(len(a)), (a, np.arange(len(a)))), shape=(k, len(a)))
+            sums += torch.from_numpy(onehot @ xb.astype(np.float64))
+            counts += torch.from_numpy(np.bincount(a, minlength=k).astype(np.float64))
         if world > 1:
             dist.all_reduce(sums)
             dist.all_reduce(counts)
