@@ -81,16 +81,12 @@ def test_intended_blur_rates(calls):
 
 def test_official_blur_flag_reproduces_the_official_rates(calls):
     ours = _rates(
-        DataAugmentationDINO(
-            local_crops_number=2, global_crops_size=32, local_crops_size=16, official_blur=True
-        ),
+        DataAugmentationDINO(local_crops_number=2, global_crops_size=32, local_crops_size=16, official_blur=True),
         calls,
     )
     calls["blur"].clear()
     calls["solarize"].clear()
-    ref = _rates(
-        OfficialAugmentation((0.32, 1.0), (0.05, 0.32), 2, global_crops_size=32, local_crops_size=16), calls
-    )
+    ref = _rates(OfficialAugmentation((0.32, 1.0), (0.05, 0.32), 2, global_crops_size=32, local_crops_size=16), calls)
     # official: global crop 1 never blurred, global crop 2 blurred with p 0.9
     assert ref["global"] == pytest.approx(0.9, abs=0.06) and ours["global"] == pytest.approx(0.9, abs=0.06)
     assert ref["local"] == pytest.approx(0.5, abs=0.07) and ours["local"] == pytest.approx(0.5, abs=0.07)
@@ -103,9 +99,7 @@ def test_grayscale_rate():
     img, gray = _image(), 0
     for _ in range(N_DRAWS):
         crop = aug(img)["global_crops"][0] * std + mean
-        gray += bool(
-            torch.allclose(crop[0], crop[1], atol=1e-3) and torch.allclose(crop[1], crop[2], atol=1e-3)
-        )
+        gray += bool(torch.allclose(crop[0], crop[1], atol=1e-3) and torch.allclose(crop[1], crop[2], atol=1e-3))
     assert gray / N_DRAWS == pytest.approx(0.2, abs=0.07)
 
 

@@ -26,13 +26,9 @@ def _samples(b: int, n_local: int = 3) -> list:
 def test_matches_official_under_same_seed():
     samples = _samples(6)
     random.seed(0)
-    ref = official_collate(
-        samples, (0.1, 0.5), 0.5, torch.float16, 64, OfficialGenerator(8, max_num_patches=32)
-    )
+    ref = official_collate(samples, (0.1, 0.5), 0.5, torch.float16, 64, OfficialGenerator(8, max_num_patches=32))
     random.seed(0)
-    ours = collate_data_and_cast(
-        samples, (0.1, 0.5), 0.5, torch.float16, 64, MaskingGenerator(8, max_num_patches=32)
-    )
+    ours = collate_data_and_cast(samples, (0.1, 0.5), 0.5, torch.float16, 64, MaskingGenerator(8, max_num_patches=32))
     assert ours.keys() == ref.keys()
     for key, value in ref.items():
         if isinstance(value, torch.Tensor):
@@ -44,14 +40,10 @@ def test_matches_official_under_same_seed():
 
 def test_layout_masks_and_weights():
     random.seed(1)
-    out = collate_data_and_cast(
-        _samples(8), (0.1, 0.5), 0.5, torch.float32, mask_generator=MaskingGenerator(8)
-    )
+    out = collate_data_and_cast(_samples(8), (0.1, 0.5), 0.5, torch.float32, mask_generator=MaskingGenerator(8))
     g, loc, masks = out["collated_global_crops"], out["collated_local_crops"], out["collated_masks"]
     assert g.shape == (16, 3, 32, 32) and loc.shape == (24, 3, 16, 16) and masks.shape == (16, 64)
-    assert g[:8, 0, 0, 0].tolist() == [
-        10.0 * i for i in range(8)
-    ]  # crop-major: first global crop of every image
+    assert g[:8, 0, 0, 0].tolist() == [10.0 * i for i in range(8)]  # crop-major: first global crop of every image
     assert g[8:, 0, 0, 0].tolist() == [10.0 * i + 1 for i in range(8)]
     counts = masks.sum(1)
     assert (counts > 0).sum() == 8  # half of the global crops are masked
@@ -75,13 +67,9 @@ def test_none_samples_are_dropped():
     assert out["collated_global_crops"].shape[0] == 6
     assert out["collated_global_crops"][:3, 0, 0, 0].tolist() == [0.0, 20.0, 30.0]
     with pytest.raises(DinoforgeError):
-        collate_data_and_cast(
-            [None, None], (0.1, 0.5), 0.5, torch.float32, mask_generator=MaskingGenerator(8)
-        )
+        collate_data_and_cast([None, None], (0.1, 0.5), 0.5, torch.float32, mask_generator=MaskingGenerator(8))
 
 
 def test_no_local_crops():
-    out = collate_data_and_cast(
-        _samples(2, n_local=0), (0.1, 0.5), 0.5, torch.float32, 64, MaskingGenerator(8)
-    )
+    out = collate_data_and_cast(_samples(2, n_local=0), (0.1, 0.5), 0.5, torch.float32, 64, MaskingGenerator(8))
     assert out["collated_local_crops"].shape == (0, 3, 32, 32)

@@ -22,9 +22,7 @@ def _pair(**kw):
 def test_state_dict_keys_and_shapes_match_official():
     for kw in ({}, {"nlayers": 1}, {"nlayers": 4, "use_bn": True}, {"mlp_bias": False}):
         ours, ref = _pair(**kw)
-        assert {k: v.shape for k, v in ours.state_dict().items()} == {
-            k: v.shape for k, v in ref.state_dict().items()
-        }
+        assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
 
 
 def test_outputs_match_official_with_loaded_weights():

@@ -125,9 +125,7 @@ def test_ibot_center_update_matches_official():
     ours, ref = iBOTPatchLoss(6), official_ibot.iBOTPatchLoss(6)
     for _ in range(2):
         tokens = torch.randn(1, 13, 6) + 1.0
-        torch.testing.assert_close(
-            ours.softmax_center_teacher(tokens, 0.07), ref.softmax_center_teacher(tokens, 0.07)
-        )
+        torch.testing.assert_close(ours.softmax_center_teacher(tokens, 0.07), ref.softmax_center_teacher(tokens, 0.07))
         ours.update_center(tokens)
         ref.update_center(tokens)
     ref.apply_center_update()

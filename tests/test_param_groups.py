@@ -43,12 +43,7 @@ def test_hand_computed_multipliers():
     assert lr["backbone.norm.weight"] == 1.0
     assert lr["dino_head.mlp.0.weight"] == lr["ibot_head.last_layer.weight_v"] == 1.0
     wd = {n: g["wd_multiplier"] for n, g in groups.items()}
-    assert (
-        wd["backbone.blocks.0.attn.qkv.weight"]
-        == wd["backbone.cls_token"]
-        == wd["dino_head.mlp.0.weight"]
-        == 1
-    )
+    assert wd["backbone.blocks.0.attn.qkv.weight"] == wd["backbone.cls_token"] == wd["dino_head.mlp.0.weight"] == 1
     assert wd["backbone.blocks.0.attn.qkv.bias"] == wd["backbone.blocks.1.norm1.weight"] == 0
     assert wd["backbone.blocks.1.ls1.gamma"] == wd["backbone.norm.bias"] == wd["dino_head.mlp.2.bias"] == 0
     last = {n for n, g in groups.items() if g["is_last_layer"]}
@@ -94,9 +89,7 @@ def test_fused_groups_drive_adamw():
     apply_optim_scheduler(opt, lr=1e-3, wd=0.04, last_layer_lr=0.0)
     for g in opt.param_groups:
         expected_lr = 0.0 if g["is_last_layer"] else 1e-3 * g["lr_multiplier"]
-        assert g["lr"] == pytest.approx(expected_lr) and g["weight_decay"] == pytest.approx(
-            0.04 * g["wd_multiplier"]
-        )
+        assert g["lr"] == pytest.approx(expected_lr) and g["weight_decay"] == pytest.approx(0.04 * g["wd_multiplier"])
     before = model["dino_head"].last_layer.weight_v.detach().clone()
     sum(p.sum() for p in model.parameters() if p.requires_grad).backward()
     opt.step()

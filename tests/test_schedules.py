@@ -33,9 +33,7 @@ def test_equal_to_official():
         (1.0, 0.5, 9, 2, 0.1, 3),
     ):
         ours, ref = CosineScheduler(*args), OfficialScheduler(*args)
-        np.testing.assert_allclose(
-            [ours[i] for i in range(args[2] + 3)], [ref[i] for i in range(args[2] + 3)]
-        )
+        np.testing.assert_allclose([ours[i] for i in range(args[2] + 3)], [ref[i] for i in range(args[2] + 3)])
 
 
 def test_too_short_schedule_is_a_user_error():
@@ -60,11 +58,7 @@ def test_recipe_schedules_from_the_official_default_config():
     assert s.lr[0] == 0.0 and s.lr[19] == pytest.approx(0.002) and s.lr[20] == pytest.approx(0.002)
     assert s.lr[110] == pytest.approx(1e-6 + 0.5 * (0.002 - 1e-6))  # middle of the 180 cosine steps
     assert s.lr[200] == pytest.approx(1e-6)
-    assert (
-        s.wd[0] == pytest.approx(0.04)
-        and s.wd[100] == pytest.approx(0.22)
-        and s.wd[200] == pytest.approx(0.4)
-    )
+    assert s.wd[0] == pytest.approx(0.04) and s.wd[100] == pytest.approx(0.22) and s.wd[200] == pytest.approx(0.4)
     assert s.momentum[0] == pytest.approx(0.992) and s.momentum[100] == pytest.approx(0.996)
     assert s.momentum[10_000] == 1.0
     assert s.teacher_temp[0] == pytest.approx(0.04) and s.teacher_temp[39] == pytest.approx(0.07)

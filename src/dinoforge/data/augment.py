@@ -18,9 +18,7 @@ class RandomGaussianBlur:
     on tiny crops.
     """
 
-    def __init__(
-        self, p: float, radius_min: float = 0.1, radius_max: float = 2.0, kernel_size: int = 9
-    ) -> None:
+    def __init__(self, p: float, radius_min: float = 0.1, radius_max: float = 2.0, kernel_size: int = 9) -> None:
         self.p = p
         self.radius_min, self.radius_max = radius_min, radius_max
         self.kernel_size = kernel_size
@@ -60,9 +58,7 @@ class DataAugmentationDINO:
         def geometric(size: int, scale: tuple[float, float]) -> transforms.Compose:
             return transforms.Compose(
                 [
-                    transforms.RandomResizedCrop(
-                        size, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC
-                    ),
+                    transforms.RandomResizedCrop(size, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC),
                     transforms.RandomHorizontalFlip(p=0.5),
                 ]
             )
@@ -84,9 +80,7 @@ class DataAugmentationDINO:
         self.solarize_global2 = transforms.RandomSolarize(threshold=128, p=0.2)
         normalize = normalize_transform()
         self.global_transfo1 = transforms.Compose([colour, self.blur_global1, normalize])
-        self.global_transfo2 = transforms.Compose(
-            [colour, self.blur_global2, self.solarize_global2, normalize]
-        )
+        self.global_transfo2 = transforms.Compose([colour, self.blur_global2, self.solarize_global2, normalize])
         self.local_transfo = transforms.Compose([colour, self.blur_local, normalize])
 
     def __call__(self, image: Image.Image) -> dict[str, object]:
@@ -96,9 +90,7 @@ class DataAugmentationDINO:
             self.global_transfo1(self.geometric_global(image)),
             self.global_transfo2(self.geometric_global(image)),
         ]
-        local_crops = [
-            self.local_transfo(self.geometric_local(image)) for _ in range(self.local_crops_number)
-        ]
+        local_crops = [self.local_transfo(self.geometric_local(image)) for _ in range(self.local_crops_number)]
         return {
             "global_crops": global_crops,
             "global_crops_teacher": global_crops,

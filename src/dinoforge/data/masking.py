@@ -27,9 +27,7 @@ class MaskingGenerator:
         max_aspect: float | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        self.height, self.width = (
-            (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
-        )
+        self.height, self.width = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
         self.num_patches = self.height * self.width
         self.num_masking_patches = num_masking_patches
         self.min_num_patches = min_num_patches

@@ -63,8 +63,7 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 - official name, so configs and ca
         `n_masked_patches` truncates padded rows beyond the real masked tokens.
         """
         ce = (
-            teacher_patch_tokens_masked
-            * F.log_softmax(student_patch_tokens_masked.float() / self.student_temp, dim=-1)
+            teacher_patch_tokens_masked * F.log_softmax(student_patch_tokens_masked.float() / self.student_temp, dim=-1)
         ).sum(-1)
         if masks_weight is None:
             per_image = 1.0 / student_masks_flat.sum(-1).clamp(min=1.0)

@@ -30,9 +30,7 @@ class WeightNormLinear(nn.Module):
         return F.linear(x, self.weight)
 
 
-def _mlp(
-    nlayers: int, in_dim: int, bottleneck_dim: int, hidden_dim: int, use_bn: bool, bias: bool
-) -> nn.Module:
+def _mlp(nlayers: int, in_dim: int, bottleneck_dim: int, hidden_dim: int, use_bn: bool, bias: bool) -> nn.Module:
     if nlayers == 1:
         return nn.Linear(in_dim, bottleneck_dim, bias=bias)
     layers: list[nn.Module] = []

@@ -100,9 +100,7 @@ def fuse_params_groups(
     return list(fused.values())
 
 
-def apply_optim_scheduler(
-    optimizer: torch.optim.Optimizer, lr: float, wd: float, last_layer_lr: float
-) -> None:
+def apply_optim_scheduler(optimizer: torch.optim.Optimizer, lr: float, wd: float, last_layer_lr: float) -> None:
     """Set each group's lr (last-layer groups use `last_layer_lr`) and weight decay, times its multipliers."""
     for group in optimizer.param_groups:
         group["weight_decay"] = wd * group["wd_multiplier"]

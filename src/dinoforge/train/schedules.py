@@ -38,9 +38,7 @@ class CosineScheduler:
         self.final_value = final_value
         self.total_iters = total_iters
         steps = np.arange(n_cosine)
-        cosine = final_value + 0.5 * (base_value - final_value) * (
-            1 + np.cos(np.pi * steps / max(n_cosine, 1))
-        )
+        cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * steps / max(n_cosine, 1)))
         self.schedule = np.concatenate(
             (np.zeros(freeze_iters), np.linspace(start_warmup_value, base_value, warmup_iters), cosine)
         )
@@ -100,9 +98,7 @@ def build_schedulers(cfg: Mapping[str, Any], world_size: int = 1) -> Schedules:
     return Schedules(
         lr=CosineScheduler(**lr_args),
         wd=CosineScheduler(float(optim["weight_decay"]), float(optim["weight_decay_end"]), total),
-        momentum=CosineScheduler(
-            float(teacher["momentum_teacher"]), float(teacher["final_momentum_teacher"]), total
-        ),
+        momentum=CosineScheduler(float(teacher["momentum_teacher"]), float(teacher["final_momentum_teacher"]), total),
         teacher_temp=CosineScheduler(
             float(teacher["teacher_temp"]),
             float(teacher["teacher_temp"]),
