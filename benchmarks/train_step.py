@@ -1,0 +1,399 @@
+"""Images/s and peak memory of one DINOv2 training step: dinoforge vs the same recipe built from lightly 1.6.
+
+One step = teacher forward, student forward + backward (DINO + iBOT + KoLeo), gradient clipping, AdamW step and
+EMA teacher update, on identical pre-collated batches (same crops, same block masks) for both implementations.
+Each measurement runs in its own spawned process so its peak memory is its own. Prints one JSON line per
+measurement, then one ratio line (dinoforge img/s ÷ lightly img/s) per model.
+
+    python benchmarks/train_step.py                          # demo + ViT-S/14 (reduced crops), CPU
+    python benchmarks/train_step.py --device cuda --models vits14 --batch 64
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+
+from dinoforge.utils import DinoforgeError, resolve_device, track, write_json
+
+# Benchmark presets: config preset, default batch, and overrides applied to both implementations.
+# softmax-centering is used because lightly has no Sinkhorn-Knopp; everything else is the preset's recipe.
+PRESETS: dict[str, tuple[str, int, list[str]]] = {
+    "demo": ("demo", 64, ["train.centering=centering"]),
+    "vits14": (
+        "vits14",
+        16,
+        [
+            "train.centering=centering",
+            "crops.global_crops_size=98",
+            "crops.local_crops_size=42",
+            "crops.local_crops_number=4",
+            "dino.head_n_prototypes=16384",
+            "ibot.head_n_prototypes=16384",
+        ],
+    ),
+}
+IMPLS = ("dinoforge", "lightly")
+
+
+@dataclass
+class Spec:
+    """Everything one measurement process needs (picklable for the spawned worker)."""
+
+    impl: str
+    model: str
+    batch: int
+    steps: int
+    warmup: int
+    device: str
+    threads: int | None
+    precision: str
+    overrides: list[str] = field(default_factory=list)
+
+
+def _config(spec: Spec):
+    from dinoforge.config.config import load_config
+
+    preset, _, overrides = PRESETS[spec.model]
+    return load_config(preset, [*overrides, *spec.overrides, f"train.batch_size_per_gpu={spec.batch}"])
+
+
+def _batches(cfg, n: int, seed: int = 0) -> list[dict]:
+    """`n` collated batches of random crops with dinoforge's block masks (the inputs of both implementations)."""
+    import random
+
+    from dinoforge.data.collate import collate_data_and_cast
+    from dinoforge.data.masking import MaskingGenerator
+
+    g, loc, p = cfg.crops.global_crops_size, cfg.crops.local_crops_size, cfg.student.patch_size
+    gen = torch.Generator().manual_seed(seed)
+    random.seed(seed)
+    side = g // p
+    masker = MaskingGenerator((side, side), max_num_patches=0.5 * side * side)
+    out = []
+    for _ in range(n):
+        samples = [
+            (
+                {
+                    "global_crops": [torch.randn(3, g, g, generator=gen) for _ in range(2)],
+                    "local_crops": [
+                        torch.randn(3, loc, loc, generator=gen) for _ in range(cfg.crops.local_crops_number)
+                    ],
+                },
+                (),
+            )
+            for _ in range(cfg.train.batch_size_per_gpu)
+        ]
+        out.append(
+            collate_data_and_cast(
+                samples,
+                tuple(cfg.ibot.mask_ratio_min_max),
+                cfg.ibot.mask_sample_probability,
+                torch.float32,
+                n_tokens=side * side,
+                mask_generator=masker,
+            )
+        )
+    return out
+
+
+class DinoforgeStep:
+    """dinoforge's training step, as in train/loop.py: forward_backward, clip, AdamW, update_teacher."""
+
+    def __init__(self, cfg, device: torch.device):
+        from dinoforge.train.meta_arch import SSLMetaArch
+        from dinoforge.train.param_groups import (
+            apply_optim_scheduler,
+            fuse_params_groups,
+            get_params_groups_with_decay,
+        )
+
+        self.cfg = cfg
+        self.model = SSLMetaArch(cfg).to(device).train()
+        groups = []
+        for m in self.model.student.values():
+            groups += fuse_params_groups(
+                get_params_groups_with_decay(
+                    m, lr_decay_rate=cfg.optim.layerwise_decay, patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult
+                )
+            )
+        self.opt = torch.optim.AdamW(groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
+        apply_optim_scheduler(self.opt, 1e-4, cfg.optim.weight_decay, 1e-4)
+
+    def __call__(self, batch: dict, teacher_temp: float, momentum: float) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        self.model.forward_backward(batch, teacher_temp=teacher_temp)
+        if self.cfg.optim.clip_grad:
+            for m in self.model.student.values():
+                torch.nn.utils.clip_grad_norm_(m.parameters(), self.cfg.optim.clip_grad)
+        self.opt.step()
+        self.model.update_teacher(momentum)
+
+
+class LightlyStep:
+    """The same step assembled from lightly's blocks as in its DINOv2 example (timm ViT + lightly heads/losses)."""
+
+    def __init__(self, cfg, device: torch.device):
+        from lightly.loss import DINOLoss, IBOTPatchLoss, KoLeoLoss
+        from lightly.models.modules import DINOv2ProjectionHead, MaskedVisionTransformerTIMM
+        from lightly.models.utils import get_weight_decay_parameters, update_drop_path_rate
+        from timm.models.vision_transformer import VisionTransformer
+
+        from dinoforge.train.meta_arch import backbone_kwargs
+
+        arch = backbone_kwargs(cfg)
+        if arch["ffn_layer"] != "mlp":
+            raise DinoforgeError(f"the lightly side supports ffn_layer=mlp only, got {arch['ffn_layer']!r}")
+        vit = VisionTransformer(
+            img_size=arch["img_size"],
+            patch_size=arch["patch_size"],
+            embed_dim=arch["embed_dim"],
+            depth=arch["depth"],
+            num_heads=arch["num_heads"],
+            qkv_bias=arch["qkv_bias"],
+            init_values=arch["init_values"],
+            reg_tokens=arch["num_register_tokens"],
+            num_classes=0,
+            pos_embed="learn",
+            dynamic_img_size=True,
+        )
+        backbone = MaskedVisionTransformerTIMM(vit=vit, antialias=False, pos_embed_initialization="skip")
+
+        def head(c) -> DINOv2ProjectionHead:
+            return DINOv2ProjectionHead(
+                input_dim=arch["embed_dim"],
+                hidden_dim=c.head_hidden_dim,
+                bottleneck_dim=c.head_bottleneck_dim,
+                output_dim=c.head_n_prototypes,
+            )
+
+        def pair() -> torch.nn.ModuleDict:  # weight-normed heads cannot be deep-copied: build twice, load state
+            dino = head(cfg.dino)
+            ibot = head(cfg.ibot) if cfg.ibot.separate_head else dino
+            return torch.nn.ModuleDict({"backbone": copy.deepcopy(backbone), "dino_head": dino, "ibot_head": ibot})
+
+        self.student, self.teacher = pair().to(device), pair().to(device)
+        if cfg.student.drop_path_rate > 0:
+            mode = "uniform" if cfg.student.drop_path_uniform else "linear"
+            update_drop_path_rate(self.student.backbone.vit, drop_path_rate=cfg.student.drop_path_rate, mode=mode)
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.teacher.requires_grad_(False).eval()
+        self.student.train()
+        self.dino_loss = DINOLoss(output_dim=cfg.dino.head_n_prototypes).to(device)
+        self.ibot_loss = IBOTPatchLoss(output_dim=self.student.ibot_head.last_layer.out_features).to(device)
+        self.koleo_loss = KoLeoLoss()
+        decay, no_decay = get_weight_decay_parameters([self.student])
+        self.opt = torch.optim.AdamW(
+            [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=1e-4,
+            weight_decay=cfg.optim.weight_decay,
+            betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2),
+        )
+        self.cfg = cfg
+        self.n_prefix = vit.num_prefix_tokens
+        self.side = arch["img_size"] // arch["patch_size"]
+
+    def prepare(self, batch: dict) -> dict:
+        """Lightly's inputs from a dinoforge batch: token mask with prefix columns, block mask (B, H, W)."""
+        masks = batch["collated_masks"]
+        token_mask = torch.zeros(masks.shape[0], masks.shape[1] + self.n_prefix, dtype=torch.bool)
+        token_mask[:, self.n_prefix :] = masks
+        return {
+            "global": batch["collated_global_crops"],
+            "local": batch["collated_local_crops"],
+            "token_mask": token_mask,
+            "block_mask": masks.view(-1, self.side, self.side),
+        }
+
+    def __call__(self, batch: dict, teacher_temp: float, momentum: float) -> None:
+        from lightly.models.utils import update_momentum
+
+        s, t, cfg = self.student, self.teacher, self.cfg
+        n_views = 2 + cfg.crops.local_crops_number
+        mask = batch["token_mask"]
+        self.opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            t_feat = t.backbone.encode(batch["global"])
+            t_cls_out = t.dino_head(t_feat[:, 0])
+            t_masked_out = t.ibot_head(t_feat[mask])
+        s_feat = s.backbone.encode(batch["global"], mask=mask)
+        s_global_cls = s_feat[:, 0]
+        s_masked_out = s.ibot_head(s_feat[mask])
+        s_local_cls = s.backbone.encode(batch["local"])[:, 0]
+        s_cls_out = torch.cat([s.dino_head(s_global_cls), s.dino_head(s_local_cls)])
+        dino = self.dino_loss(
+            teacher_out=list(t_cls_out.chunk(2)), student_out=list(s_cls_out.chunk(n_views)), teacher_temp=teacher_temp
+        )
+        ibot = self.ibot_loss(
+            teacher_out=t_masked_out, student_out=s_masked_out, mask=batch["block_mask"], teacher_temp=teacher_temp
+        )
+        koleo = sum(self.koleo_loss(c) for c in s_global_cls.chunk(2))
+        loss = cfg.dino.loss_weight * dino + cfg.ibot.loss_weight * ibot + cfg.dino.koleo_loss_weight * koleo
+        loss.backward()
+        if cfg.optim.clip_grad:
+            for name in ("backbone", "dino_head", "ibot_head"):
+                torch.nn.utils.clip_grad_norm_(s[name].parameters(), cfg.optim.clip_grad)
+        self.opt.step()
+        update_momentum(s, t, m=momentum)
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(spec: Spec) -> dict:
+    """Build one implementation, run warm-up then timed steps; return img/s, step times and peak memory."""
+    from dinoforge.train.meta_arch import backbone_kwargs
+
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    torch.manual_seed(0)
+    device = torch.device(spec.device)
+    cfg = _config(spec)
+    step = (DinoforgeStep if spec.impl == "dinoforge" else LightlyStep)(cfg, device)
+    batches = _batches(cfg, 2)
+    if spec.impl == "lightly":
+        batches = [step.prepare(b) for b in batches]
+    batches = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()} for b in batches]
+    amp = spec.precision == "bf16" or (spec.precision == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
+    cuda = device.type == "cuda"
+
+    def run(i: int) -> float:
+        t0 = time.perf_counter()
+        with autocast:
+            step(batches[i % len(batches)], teacher_temp=0.07, momentum=0.992)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    for i in range(spec.warmup):
+        run(i)
+    rss_before = _rss_mb()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = [run(i) for i in range(spec.steps)]
+    result = {
+        "impl": spec.impl,
+        "model": spec.model,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "precision": "bf16" if amp else "fp32",
+        "batch": spec.batch,
+        "crops": f"2x{cfg.crops.global_crops_size}+{cfg.crops.local_crops_number}x{cfg.crops.local_crops_size}",
+        "arch": "embed{embed_dim} depth{depth} heads{num_heads} patch{patch_size}".format(**backbone_kwargs(cfg)),
+        "prototypes": int(cfg.dino.head_n_prototypes),
+        "steps": spec.steps,
+        "warmup": spec.warmup,
+        "img_per_s": spec.batch * spec.steps / sum(times),
+        "step_ms_median": 1000 * statistics.median(times),
+        "peak_rss_mb": _rss_mb(),
+        "rss_after_warmup_mb": rss_before,
+    }
+    if cuda:
+        result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+def _in_child(spec: Spec) -> dict:
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(measure, (spec,))
+
+
+def main(
+    models: Annotated[str, typer.Option(help=f"comma-separated presets: {', '.join(PRESETS)}")] = "demo,vits14",
+    batch: Annotated[
+        int | None, typer.Option(help="images per step (default: the preset's: demo 64, vits14 16)")
+    ] = None,
+    steps: Annotated[int, typer.Option(help="timed steps per implementation")] = 5,
+    warmup: Annotated[int, typer.Option(help="untimed warm-up steps per implementation (same for both)")] = 2,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")] = "cpu",
+    threads: Annotated[int | None, typer.Option(help="torch.set_num_threads in each worker (default: torch's)")] = None,
+    precision: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16")] = "auto",
+    repeats: Annotated[int, typer.Option(help="run each dinoforge/lightly pair N times, alternating; best kept")] = 1,
+    impls: Annotated[
+        str, typer.Option(help="comma-separated implementations to run: dinoforge, lightly")
+    ] = "dinoforge,lightly",
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="config override key=value applied to both sides (repeatable)")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="folder for results.json")] = Path("runs/bench/train_step"),
+) -> None:
+    """Benchmark one DINOv2 training step of dinoforge against lightly 1.6 (same model, crops, batch, masks).
+
+    Prints one JSON line per measurement and a ratio line per model (target in issue 4: ratio >= 1.5).
+    """
+    names = [m for m in models.split(",") if m]
+    unknown = [m for m in names if m not in PRESETS]
+    if unknown:
+        raise DinoforgeError(f"unknown model preset(s) {', '.join(unknown)}; choose from {', '.join(PRESETS)}")
+    chosen = [i for i in impls.split(",") if i]
+    if not chosen or any(i not in IMPLS for i in chosen):
+        raise DinoforgeError(f"--impls must list some of {', '.join(IMPLS)}, got {impls!r}")
+    if precision not in ("auto", "fp32", "bf16"):
+        raise DinoforgeError(f"--precision must be auto, fp32 or bf16, got {precision!r}")
+    if steps < 1 or warmup < 0 or repeats < 1:
+        raise DinoforgeError("--steps and --repeats must be >= 1 and --warmup >= 0")
+    if "lightly" in chosen:
+        try:
+            import lightly  # noqa: F401
+        except ImportError:
+            raise DinoforgeError("lightly is not installed: pip install 'lightly==1.6.0' (the `bench` extra)") from None
+    dev = str(resolve_device(device))
+    jobs = [
+        Spec(i, m, batch or PRESETS[m][1], steps, warmup, dev, threads, precision, list(set_ or []))
+        for m in names
+        for _ in range(repeats)
+        for i in chosen
+    ]
+    best: dict[tuple[str, str], dict] = {}
+    results = []
+    for spec in track(jobs, description="train-step benchmark"):
+        r = _in_child(spec)
+        print(json.dumps(r), flush=True)
+        results.append(r)
+        key = (r["impl"], r["model"])
+        if key not in best or r["img_per_s"] > best[key]["img_per_s"]:
+            best[key] = r
+    ratios = []
+    for m in names:
+        if ("dinoforge", m) in best and ("lightly", m) in best:
+            d, lt = best[("dinoforge", m)], best[("lightly", m)]
+            line = {
+                "ratio": "dinoforge/lightly img_per_s",
+                "model": m,
+                "batch": d["batch"],
+                "device": d["device"],
+                "value": d["img_per_s"] / lt["img_per_s"],
+                "peak_rss_ratio": d["peak_rss_mb"] / lt["peak_rss_mb"],
+                "target": 1.5,
+            }
+            if "peak_cuda_mb" in d:
+                line["peak_cuda_ratio"] = d["peak_cuda_mb"] / lt["peak_cuda_mb"]
+            print(json.dumps(line), flush=True)
+            ratios.append(line)
+    path = write_json(Path(out) / "results.json", {"measurements": results, "ratios": ratios, "argv": sys.argv[1:]})
+    print(f"results: {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    try:
+        typer.run(main)
+    except DinoforgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
