@@ -77,9 +77,7 @@ def test_sig_loss_is_scale_invariant_up_to_its_mean_term():
 
 def _linear_depth(feats: torch.Tensor, w: torch.Tensor, size: int) -> torch.Tensor:
     d = 3.0 + 0.5 * torch.einsum("c,nchw->nhw", w, feats) / w.norm()
-    return F.interpolate(d[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0].clamp(
-        0.5, 9
-    )
+    return F.interpolate(d[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0].clamp(0.5, 9)
 
 
 def test_probe_fits_depth_linear_in_features():
@@ -115,3 +113,48 @@ def test_load_depth_png_mm_and_npy_metres(tmp_path: Path):
     Image.new("RGB", (2, 2)).save(tmp_path / "c.png")
     with pytest.raises(DinoforgeError, match="16-bit"):
         load_depth(tmp_path / "c.png")
+
+
+def make_depth_folder(root: Path, n: int, size: int, seed: int, fmt: str) -> None:
+    """Depth rising from 1 m (top) to 4 m (bottom) with a random per-image offset; brighter rows are nearer."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "depth").mkdir()
+    rows = np.linspace(0, 1, size)[:, None].repeat(size, 1)
+    for i in range(n):
+        depth = 1.0 + 3.0 * rows + rng.uniform(0, 0.5)
+        depth[0, :5] = 0  # invalid pixels
+        img = np.clip(255 - 50 * depth[..., None] + rng.normal(0, 8, (size, size, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(root / "images" / f"d{i}.png")
+        if fmt == "png":
+            Image.fromarray((depth * 1000).round().astype(np.uint16)).save(root / "depth" / f"d{i}.png")
+        else:
+            np.save(root / "depth" / f"d{i}.npy", depth.astype(np.float32))
+
+
+@pytest.mark.slow
+def test_depth_command_end_to_end(tmp_path: Path, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from dinoforge.cli import app
+    from dinoforge.models.vision_transformer import DinoVisionTransformer
+    from dinoforge.models.weights import save_backbone
+
+    torch.manual_seed(0)
+    vit = DinoVisionTransformer(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, init_values=1.0)
+    weights = save_backbone(vit, tmp_path / "tiny.safetensors")
+    make_depth_folder(tmp_path / "train", 24, 32, seed=0, fmt="png")
+    make_depth_folder(tmp_path / "val", 6, 36, seed=1, fmt="npy")
+    monkeypatch.setenv("DINOFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    res = CliRunner().invoke(app, [
+        "eval", "depth", "--weights", str(weights), "--train-data", str(tmp_path / "train"),
+        "--val-data", str(tmp_path / "val"), "--out", str(tmp_path / "out"), "--size", "32", "--layers", "4",
+        "--epochs", "12", "--lr", "5e-2", "--batch-size", "2", "--max-depth", "10", "--device", "cpu",
+    ])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert str(tmp_path / "out") in res.output
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert m["blocks"] == [0, 1, 2, 3] and m["num_images"] == 6
+    assert m["abs_rel"] < 0.06 and m["delta1"] > 0.97, m

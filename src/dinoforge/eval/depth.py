@@ -44,6 +44,8 @@ def depth_layer_indices(num_blocks: int, layers: int) -> list[int]:
     if layers == 1:
         return [num_blocks - 1]
     if layers == 4:
+        if num_blocks < 4:
+            raise DinoforgeError(f"lin.4 needs a backbone with at least 4 blocks, this one has {num_blocks}")
         return _OFFICIAL_LIN4.get(num_blocks, [(i + 1) * num_blocks // 4 - 1 for i in range(4)])
     raise DinoforgeError(f"--layers must be 1 (lin.1) or 4 (lin.4), got {layers}")
 
