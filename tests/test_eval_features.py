@@ -106,6 +106,9 @@ def test_dataset_features_cached_across_calls(monkeypatch, tmp_path):
     F.dataset_features(model, fp, str(root), 4, 16, True)  # other transform: recompute
     F.dataset_features(model, fp, str(root), 4, 32, False)  # cache off: recompute
     assert len(calls) == 3
+    deep = F.dataset_features(model, fp, str(root), 4, 32, True, n_last_blocks=4)  # 2 blocks: recompute
+    again = F.dataset_features(model, fp, str(root), 4, 32, True, n_last_blocks=4)  # clipped to depth: hit
+    assert len(calls) == 4 and deep["cls"].shape[1] == again["cls"].shape[1] == 2
 
 
 def test_knn_and_logreg_commands_share_cache(tmp_path, monkeypatch):

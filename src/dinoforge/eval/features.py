@@ -176,6 +176,7 @@ def dataset_features(
     data_id = data_id or (str(Path(source).resolve()) if source else f"{spec}|{split}")
     key = feature_key(fingerprint, f"{data_id}|{len(dataset)}", f"{transform!r}|{canvas}")
     dev = next(net.parameters()).device
+    n_last_blocks = min(n_last_blocks, int(getattr(net, "n_blocks", n_last_blocks)))
 
     def compute() -> dict[str, np.ndarray]:
         return extract_multilayer(net, dataset, batch_size, dev, n_last_blocks, desc=f"features {spec}")
