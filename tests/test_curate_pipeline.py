@@ -133,8 +133,8 @@ def test_embed_skips_unreadable_resumes_and_shards_by_rank(tmp_path):
     again = embed_images(pool, tmp_path / "emb", model="pixel", shard_size=4, device="cpu")
     assert again["resumed_shards"] == 3 and again["embedded"] == 0
 
-    from dinoforge.data.datasets import build_dataset
     from dinoforge.curate.embed import embedder
+    from dinoforge.data.datasets import build_dataset
 
     net, tf = embedder("pixel")
     ds = build_dataset(pool, transform=tf)

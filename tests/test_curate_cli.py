@@ -1,0 +1,69 @@
+"""`dinoforge curate` commands chained on real files, their outputs, --help, and one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from test_curate_pipeline import write_pool  # tests/ is on sys.path under pytest
+from typer.testing import CliRunner
+
+from dinoforge.cli import app
+from dinoforge.data.datasets import FileListDataset
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    res = runner.invoke(app, ["curate", *map(str, args)])
+    assert res.exit_code == 0, (res.output, res.exception)
+    return res.output
+
+
+@pytest.mark.parametrize("cmd", ["embed", "dedup", "cluster", "sample", "retrieve", "run"])
+def test_help(cmd):
+    out = invoke(cmd, "--help")
+    assert "Usage" in out and "--out" in out
+
+
+def test_cli_chain(tmp_path, monkeypatch):
+    monkeypatch.setenv("DINOFORGE_NO_PROGRESS", "1")
+    paths, truth = write_pool(tmp_path / "pool", seed=3)
+    test_dir = tmp_path / "test"
+    test_dir.mkdir()
+    protected = paths[0]
+    (test_dir / protected.name).write_bytes(protected.read_bytes())
+    invoke("embed", "--data", tmp_path / "pool", "--out", tmp_path / "emb", "--shard-size", 100, "--device", "cpu")
+    invoke("embed", "--data", test_dir, "--out", tmp_path / "temb", "--device", "cpu")
+    invoke("dedup", "--emb", tmp_path / "emb", "--test-emb", tmp_path / "temb", "--out", tmp_path / "dd")
+    stats = json.loads((tmp_path / "dd" / "dedup.json").read_text())
+    assert stats["images"] == len(paths) and stats["removed_duplicates"] >= 0.95 * len(truth)
+    assert stats["removed_near_test"] == 1
+    kept = FileListDataset(tmp_path / "dd" / "manifest.jsonl")
+    assert protected.name not in {p.name for p in kept.paths} and len(kept) == stats["kept"]
+    removed = [json.loads(line) for line in (tmp_path / "dd" / "removed.jsonl").read_text().splitlines()]
+    original_of = {paths[j].name: paths[i].name for i, j in truth}
+    correct = [original_of.get(r["path"].rsplit("/", 1)[-1]) == r["duplicate_of"].rsplit("/", 1)[-1] for r in removed]
+    assert len(removed) and np.mean(correct) >= 0.95
+    assert (tmp_path / "dd" / "duplicates.png").exists()
+
+    invoke("cluster", "--emb", tmp_path / "emb", "--out", tmp_path / "cl", "--levels", "20,5",
+           "--resample-steps", "0,2", "--sample-sizes", "0,2")
+    assert (tmp_path / "cl" / "clusters.png").exists()
+    invoke("sample", "--emb", tmp_path / "emb", "--clusters", tmp_path / "cl", "--out", tmp_path / "s",
+           "--target-size", 50)
+    s = json.loads((tmp_path / "s" / "sample.json").read_text())
+    assert s["picked"] == 50 == len(FileListDataset(tmp_path / "s" / "manifest.jsonl"))
+    invoke("retrieve", "--pool", tmp_path / "emb", "--curated", f"t={tmp_path / 'temb'}", "--out", tmp_path / "r",
+           "--sample-min-size", 1, "--k", 3)
+    got = FileListDataset(tmp_path / "r" / "manifest.jsonl")
+    assert len(got) == 3 and got.records[0]["method"] == "sample"
+    assert np.isclose(max(r["similarity"] for r in got.records), 1.0, atol=1e-2)  # the identical original
+
+
+def test_errors_are_one_line(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "dinoforge.cli", "curate", "dedup", "--emb", str(tmp_path),
+                          "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.strip().startswith("error: no embedding shards") and len(res.stderr.strip().splitlines()) == 1
