@@ -1,6 +1,7 @@
 """Video eval: frame sampling, clip averaging vs per-frame forwards of the official ViT, e2e on frames."""
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -83,13 +84,8 @@ def test_list_clips_errors(tmp_path: Path):
         list_clips(tmp_path / "v", ["a"])
 
 
-def test_video_file_without_decoder_is_a_clear_error(tmp_path: Path):
-    try:
-        import av  # noqa: F401
-
-        pytest.skip("PyAV installed: the no-decoder message does not apply")
-    except ImportError:
-        pass
+def test_video_file_without_decoder_is_a_clear_error(tmp_path: Path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "av", None)  # import av raises ImportError, as when not installed
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.mp4").write_bytes(b"\x00" * 16)
     clips, _ = list_clips(tmp_path)
@@ -107,3 +103,23 @@ def test_run_video_eval_separates_colour_classes(tmp_path: Path):
     assert res["logreg"]["top1"] == 100.0
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert saved["num_train"] == 12 and saved["classes"] == ["a", "b"]
+
+
+def test_video_file_frames_are_sampled_in_order(tmp_path: Path):
+    av = pytest.importorskip("av")
+    from dinoforge.eval.video import clip_frames
+
+    levels = [0, 50, 100, 150, 200, 250]
+    (tmp_path / "a").mkdir()
+    path = tmp_path / "a" / "clip.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=5)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for v in levels:
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), v, dtype=np.uint8), format="rgb24")
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    clips, _ = list_clips(tmp_path)
+    frames = clip_frames(clips[0], 3)
+    means = [float(np.asarray(f).mean()) for f in frames]
+    assert means == pytest.approx([levels[i] for i in sample_indices(6, 3)], abs=6)
