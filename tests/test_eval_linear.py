@@ -74,3 +74,33 @@ def test_random_labels_chance_level_and_given_val():
     res = linear_probe(train, test, val=val, lrs=(0.01, 0.1), epochs=3)
     assert 14 < res["top1"] < 26
     assert np.isclose(res["best"]["val_top1"], max(h["val_top1"] for h in res["heads"].values()))
+
+
+def test_linear_command_writes_metrics(tmp_path, monkeypatch):
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from dinoforge.cli import app
+    from dinoforge.models.vision_transformer import DinoVisionTransformer
+    from dinoforge.models.weights import save_backbone
+
+    monkeypatch.setenv("DINOFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    net = DinoVisionTransformer(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, block_chunks=0)
+    w = save_backbone(net, tmp_path / "tiny.safetensors")
+    for split in ("train", "val"):
+        for c in range(2):
+            (tmp_path / "data" / split / f"c{c}").mkdir(parents=True)
+            for i in range(10):
+                arr = np.full((32, 32, 3), 30 + 180 * c, dtype=np.uint8)
+                arr[:, i % 8 :: 8] = 128
+                Image.fromarray(arr).save(tmp_path / "data" / split / f"c{c}" / f"{i}.png")
+    data = str(tmp_path / "data")
+    out = tmp_path / "out"
+    args = ["eval", "linear", "-w", str(w), "--train-data", data, "--val-data", data, "--out", str(out)]
+    r = CliRunner().invoke(app, [*args, "--image-size", "32", "--epochs", "20", "--lr", "0.1", "--lr", "1.0"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert len(m["heads"]) == 8  # {1, 4 blocks} × {avgpool or not} × 2 lrs
+    assert m["top1"] == 100.0  # dark vs bright images

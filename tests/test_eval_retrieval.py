@@ -84,3 +84,43 @@ def test_ground_truth_validation(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     with pytest.raises(DinoforgeError, match="out of range"):
         load_ground_truth(tmp_path / "bad.json")
+
+
+def test_retrieval_command_with_ground_truth(tmp_path, monkeypatch):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from dinoforge.cli import app
+    from dinoforge.models.vision_transformer import DinoVisionTransformer
+    from dinoforge.models.weights import save_backbone
+
+    monkeypatch.setenv("DINOFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    net = DinoVisionTransformer(img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=2, block_chunks=0)
+    w = save_backbone(net, tmp_path / "tiny.safetensors")
+    rng = np.random.default_rng(0)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    bases = [rng.integers(0, 255, (32, 32, 3)) for _ in range(2)]
+    names = []
+    for i in range(6):  # db: 3 noisy copies of each of two base images
+        arr = np.clip(bases[i % 2] + rng.normal(0, 5, (32, 32, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(imgs / f"d{i}.png")
+        names.append(f"d{i}.png")
+    for q in range(2):
+        Image.fromarray(bases[q].astype(np.uint8)).save(imgs / f"q{q}.png")
+    gt = {
+        "query": ["q0.png", "q1.png"],
+        "db": names,
+        "gnd": [{"easy": [0, 2], "hard": [4], "junk": []}, {"easy": [1], "hard": [3], "junk": [5]}],
+    }
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    out = tmp_path / "out"
+    args = ["eval", "retrieval", "-w", str(w), "--gnd", str(tmp_path / "gt.json"), "--images", str(imgs)]
+    r = CliRunner().invoke(app, [*args, "--out", str(out), "--image-size", "32", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert str(out) in r.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["mAP"]) == {"easy", "medium", "hard"}
+    # near-duplicates of the query rank first even with a random backbone
+    assert m["mAP"]["medium"] == pytest.approx(100.0)
