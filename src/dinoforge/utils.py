@@ -62,9 +62,7 @@ def write_json(path: str | Path, obj: Any) -> Path:
 
 
 def _json_default(o: Any) -> Any:
-    if hasattr(o, "item"):
-        return o.item()
-    if hasattr(o, "tolist"):
+    if hasattr(o, "tolist"):  # numpy/torch arrays and scalars
         return o.tolist()
     if isinstance(o, Path):
         return str(o)
