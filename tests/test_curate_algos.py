@@ -169,3 +169,32 @@ def test_cluster_based_retrieval_and_choice_by_size():
         retrieve(x, {"none": np.zeros((0, 16), np.float32)})
     with pytest.raises(DinoforgeError, match="no curated"):
         retrieve(x, {})
+
+
+def _dist_worker(rank, world, init_file, x, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        bounds = [len(x) * r // world for r in range(world + 1)]
+        res = kmeans_lloyd(x[bounds[rank] : bounds[rank + 1]], 6, niter=8, seed=3, batch_size=100)
+        h = hierarchical_kmeans(x, [12, 3], niter=5, engine="lloyd")
+        np.savez(f"{out_dir}/r{rank}.npz", c=res.centroids, a=res.assign, inertia=res.inertia, h=h.point_clusters())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_lloyd_two_processes_match_one(tmp_path):
+    import torch.multiprocessing as mp
+
+    x, _ = blobs(n=900, k=6, d=8, sep=3.0)
+    one = kmeans_lloyd(x, 6, niter=8, seed=3, batch_size=100)
+    one_h = hierarchical_kmeans(x, [12, 3], niter=5, engine="lloyd")
+    mp.start_processes(_dist_worker, args=(2, tmp_path / "init", x, tmp_path), nprocs=2, start_method="spawn")
+    r0, r1 = np.load(tmp_path / "r0.npz"), np.load(tmp_path / "r1.npz")
+    np.testing.assert_allclose(r0["c"], one.centroids, atol=1e-5)
+    np.testing.assert_array_equal(r1["c"], r0["c"])
+    np.testing.assert_array_equal(np.concatenate([r0["a"], r1["a"]]), one.assign)
+    assert float(r0["inertia"]) == pytest.approx(one.inertia, rel=1e-6)
+    np.testing.assert_array_equal(r0["h"], one_h.point_clusters())
+    np.testing.assert_array_equal(r1["h"], one_h.point_clusters())
