@@ -123,3 +123,31 @@ def test_video_file_frames_are_sampled_in_order(tmp_path: Path):
     frames = clip_frames(clips[0], 3)
     means = [float(np.asarray(f).mean()) for f in frames]
     assert means == pytest.approx([levels[i] for i in sample_indices(6, 3)], abs=6)
+
+
+@pytest.mark.slow
+def test_video_command_end_to_end_with_cache(tmp_path: Path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from dinoforge.cli import app
+    from dinoforge.models.vision_transformer import DinoVisionTransformer
+    from dinoforge.models.weights import save_backbone
+
+    torch.manual_seed(0)
+    vit = DinoVisionTransformer(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2, init_values=1.0)
+    weights = save_backbone(vit, tmp_path / "tiny.safetensors")
+    make_clips(tmp_path / "train", 5, 4, seed=3)
+    make_clips(tmp_path / "val", 2, 4, seed=4)
+    monkeypatch.setenv("DINOFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    args = ["eval", "video", "--weights", str(weights), "--train-data", str(tmp_path / "train"),
+            "--val-data", str(tmp_path / "val"), "--frames", "3", "--image-size", "32", "--k", "3",
+            "--n-c", "4", "--device", "cpu"]  # fmt: skip
+    runner = CliRunner()
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "o1")])
+    assert res.exit_code == 0, res.output
+    assert str(tmp_path / "o1") in res.output
+    assert len([p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]) == 2
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "o2")])
+    assert res.exit_code == 0, res.output
+    m1, m2 = (json.loads((tmp_path / o / "metrics.json").read_text()) for o in ("o1", "o2"))
+    assert m1 == m2 and m1["knn"]["k=3"]["top1"] == 100.0

@@ -85,11 +85,22 @@ def _decode_video(path: Path, t: int) -> list[Any]:
             "or extract the frames into <class>/<clip>/*.jpg folders, which work without it"
         ) from None
     try:
-        with av.open(str(path)) as container:
-            frames = [f.to_image() for f in container.decode(video=0)]
-    except av.error.FFmpegError as e:
+        with av.open(str(path)) as container:  # header frame count, else one counting pass
+            n = container.streams.video[0].frames or sum(1 for _ in container.decode(video=0))
+        wanted = sample_indices(n, t)
+        kept: dict[int, Any] = {}
+        with av.open(str(path)) as container:  # keep only the sampled frames in memory
+            for i, frame in enumerate(container.decode(video=0)):
+                if i in wanted:
+                    kept[i] = frame.to_image()
+                if i >= wanted[-1]:
+                    break
+    except (av.error.FFmpegError, IndexError) as e:
         raise DinoforgeError(f"cannot decode video {path}: {e}") from None
-    return [frames[i] for i in sample_indices(len(frames), t)]
+    if not kept:
+        raise DinoforgeError(f"no frames decoded from {path}")
+    last = max(kept)  # a header count that overstates the frames: fall back to the last decoded one
+    return [kept.get(i, kept[last]) for i in wanted]
 
 
 def clip_frames(clip: Clip, t: int) -> list[Any]:
