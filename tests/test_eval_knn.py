@@ -60,9 +60,7 @@ def test_majority_vote_matches_sklearn_cosine():
     xtr, ytr, xte, _ = _clustered(classes=2, noise=2.0)
     for k in (1, 5, 15):
         ours = knn_classify(xtr, ytr, xte, ks=(k,), T=1e6, num_classes=2)[k].argmax(1)
-        sk = KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute").fit(
-            xtr.numpy(), ytr.numpy()
-        )
+        sk = KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute").fit(xtr.numpy(), ytr.numpy())
         np.testing.assert_array_equal(ours.numpy(), sk.predict(xte.numpy()))
 
 
@@ -120,7 +118,9 @@ def _sharded_worker(rank, world, port, xtr, ytr, xte, q):
         shard = torch.arange(len(xtr)).tensor_split(world)[rank]
         # rank 1 gets fewer than max-k rows to exercise padding in the merge
         out = knn_classify(xtr[shard], ytr[shard], xte, ks=(5, 20), num_classes=None, train_chunk=7)
-        q.put((rank, {k: v.numpy() for k, v in out.items()}))
+        yte = torch.arange(len(xte)) % 5
+        full = knn_evaluate(xtr, ytr, xte, yte, ks=(5, 20), n_per_class=(3,), shard=(rank, world))
+        q.put((rank, {k: v.numpy() for k, v in out.items()}, full))
     finally:
         dist.destroy_process_group()
 
@@ -139,7 +139,12 @@ def test_two_process_sharded_equals_single_process():
     ctx = mp.get_context("spawn")
     q = ctx.SimpleQueue()
     mp.spawn(_sharded_worker, args=(2, _free_port(), xtr, ytr, xte, q), nprocs=2, join=True)
-    results = dict(q.get() for _ in range(2))
+    results = {}
+    for _ in range(2):
+        rank, scores, metrics = q.get()
+        results[rank] = (scores, metrics)
+    reference = knn_evaluate(xtr, ytr, xte, torch.arange(len(xte)) % 5, ks=(5, 20), n_per_class=(3,))
     for rank in (0, 1):
         for k in (5, 20):
-            np.testing.assert_allclose(results[rank][k], single[k].numpy(), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(results[rank][0][k], single[k].numpy(), rtol=1e-5, atol=1e-6)
+        assert results[rank][1] == reference

@@ -8,6 +8,7 @@ torch.distributed each rank holds a shard of the train features: local top-k, al
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import typer
 
 from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, WeightsOpt
 from dinoforge.eval.features import CacheOpt, ImageSizeOpt, TrainDataOpt, ValDataOpt, features_from_opts
-from dinoforge.utils import DinoforgeError, write_json
+from dinoforge.utils import DinoforgeError, resolve_device, write_json
 
 
 def _merge_topk(
@@ -115,9 +116,7 @@ def knn_classify(
     return out
 
 
-def topk_accuracy(
-    scores: torch.Tensor, labels: torch.Tensor, topk: Sequence[int] = (1, 5)
-) -> dict[str, float]:
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, topk: Sequence[int] = (1, 5)) -> dict[str, float]:
     """Top-k accuracies in percent (k clipped to the number of classes)."""
     labels = labels.to(scores.device).long()
     res = {}
@@ -148,11 +147,27 @@ def knn_evaluate(
     n_per_class: Sequence[int] = (),
     n_tries: int = 1,
     chunk_size: int = 4096,
+    shard: tuple[int, int] | None = None,
 ) -> dict:
-    """Top-1/top-5 for every k on the full train set and on few-shot subsets (mean and per-seed)."""
+    """Top-1/top-5 for every k on the full train set and on few-shot subsets (mean and per-seed).
+
+    With `shard=(rank, world)` under torch.distributed the full-set vote uses this rank's slice of the
+    train rows and merges the top-k across ranks; few-shot subsets are small and run locally."""
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     result: dict = {"full": {}}
-    scores = knn_classify(train_feats, train_labels, test_feats, ks, T, num_classes, chunk_size)
+    rows = torch.arange(len(train_feats))
+    if shard is not None:
+        rows = rows.tensor_split(shard[1])[shard[0]]
+    scores = knn_classify(
+        train_feats[rows],
+        train_labels[rows],
+        test_feats,
+        ks,
+        T,
+        num_classes,
+        chunk_size,
+        distributed=shard is not None,
+    )
     for k in ks:
         result["full"][f"k={k}"] = topk_accuracy(scores[k], test_labels)
     for npc in n_per_class:
@@ -161,12 +176,31 @@ def knn_evaluate(
         for seed in range(n_tries):
             sub = few_shot_indices(train_labels, npc, seed)
             s = knn_classify(
-                train_feats[sub], train_labels[sub], test_feats, k_list, T, num_classes, chunk_size
+                train_feats[sub],
+                train_labels[sub],
+                test_feats,
+                k_list,
+                T,
+                num_classes,
+                chunk_size,
+                distributed=False,
             )
             tries.append({f"k={k}": topk_accuracy(s[k], test_labels) for k in k_list})
         mean = {kk: {m: sum(t[kk][m] for t in tries) / len(tries) for m in tries[0][kk]} for kk in tries[0]}
         result[f"{npc}_per_class"] = {"mean": mean, "tries": tries}
     return result
+
+
+def _torchrun_shard(device: str) -> tuple[int, int] | None:
+    """(rank, world) under torchrun (WORLD_SIZE > 1), starting the process group if needed; else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if not dist.is_initialized():
+        dev = resolve_device(device)
+        if dev.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
 
 
 def knn_command(
@@ -175,15 +209,9 @@ def knn_command(
     train_data: TrainDataOpt = "bundled:train",
     val_data: ValDataOpt = "bundled:val",
     out: OutOpt = Path("runs/eval_knn"),
-    ks: list[int] = typer.Option(
-        [10, 20, 100, 200], "--k", help="Numbers of neighbours (repeat the option)."
-    ),
-    temperature: float = typer.Option(
-        0.07, "--temperature", "-T", help="Vote temperature: weight exp(sim/T)."
-    ),
-    n_per_class: list[int] = typer.Option(
-        [], "--n-per-class", help="Few-shot: train images per class (repeat)."
-    ),
+    ks: list[int] = typer.Option([10, 20, 100, 200], "--k", help="Numbers of neighbours (repeat the option)."),
+    temperature: float = typer.Option(0.07, "--temperature", "-T", help="Vote temperature: weight exp(sim/T)."),
+    n_per_class: list[int] = typer.Option([], "--n-per-class", help="Few-shot: train images per class (repeat)."),
     n_tries: int = typer.Option(1, "--n-tries", min=1, help="Random few-shot subsets (seeds) per n."),
     image_size: ImageSizeOpt = None,
     batch_size: BatchOpt = 64,
@@ -192,11 +220,15 @@ def knn_command(
 ) -> None:
     """k-NN classification of frozen CLS features (cosine, temperature-weighted vote), top-1/top-5 per k.
 
-    Writes metrics.json into --out and prints the folder.
+    Under torchrun the train features are sharded across ranks. Writes metrics.json into --out and prints
+    the folder.
     """
-    tr, te = features_from_opts(
-        model, weights, [train_data, val_data], out, batch_size, device, image_size, cache
-    )
+    shard = _torchrun_shard(device)
+    if shard is not None and shard[0] != 0:
+        dist.barrier()  # rank 0 extracts (or loads) the features first; the others then read its cache
+    tr, te = features_from_opts(model, weights, [train_data, val_data], out, batch_size, device, image_size, cache)
+    if shard is not None and shard[0] == 0:
+        dist.barrier()
     metrics = knn_evaluate(
         torch.from_numpy(tr["cls"][:, -1]),
         torch.from_numpy(tr["labels"]),
@@ -206,7 +238,10 @@ def knn_command(
         T=temperature,
         n_per_class=n_per_class,
         n_tries=n_tries,
+        shard=shard,
     )
+    if shard is not None and shard[0] != 0:
+        return
     metrics.update(
         train_data=train_data,
         val_data=val_data,
