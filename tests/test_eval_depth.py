@@ -158,3 +158,5 @@ def test_depth_command_end_to_end(tmp_path: Path, monkeypatch):
     m = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert m["blocks"] == [0, 1, 2, 3] and m["num_images"] == 6
     assert m["abs_rel"] < 0.06 and m["delta1"] > 0.97, m
+    with Image.open(tmp_path / "out" / "predictions.png") as fig:
+        assert fig.format == "PNG" and fig.height > fig.width

@@ -179,6 +179,8 @@ def test_seg_command_end_to_end(tmp_path: Path, monkeypatch):
     m1 = json.loads((tmp_path / "o1" / "metrics.json").read_text())
     assert m1["num_classes"] == 2 and m1["num_pixels"] == 6 * 39 * 40  # original val size, top row ignored
     assert m1["miou"] > 0.9, m1
+    with Image.open(tmp_path / "o1" / "predictions.png") as fig:  # 4 preview rows of 3 panels
+        assert fig.height > fig.width
     assert len(list((tmp_path / "cache").glob("dense_*.pt"))) == 2  # train and val features cached
     res = runner.invoke(app, [*args, "--out", str(tmp_path / "o2")])
     assert res.exit_code == 0, res.output

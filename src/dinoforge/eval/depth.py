@@ -26,10 +26,12 @@ from torch import nn
 from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, WeightsOpt, load_model_from_opts
 from dinoforge.eval.features import CacheOpt, model_fingerprint
 from dinoforge.eval.segmentation import (
+    PREVIEWS,
     extract_dense,
     list_pairs,
     patch_side,
     resize_nearest,
+    save_previews,
     train_dense_head,
 )
 from dinoforge.utils import DinoforgeError, atomic_torch_save, resolve_device, track, write_json
@@ -106,9 +108,7 @@ class LinearDepthHead(nn.Module):
         return depth[:, 0]
 
 
-def sig_loss(
-    pred: torch.Tensor, gt: torch.Tensor, lam: float = 0.15, eps: float = 1e-3
-) -> torch.Tensor | None:
+def sig_loss(pred: torch.Tensor, gt: torch.Tensor, lam: float = 0.15, eps: float = 1e-3) -> torch.Tensor | None:
     """Scale-invariant log loss sqrt(Var(g) + lam * mean(g)^2), g = log pred - log gt over gt > 0 pixels."""
     valid = gt > 0
     if valid.sum() < 2:
@@ -212,7 +212,7 @@ def run_depth_eval(
     fingerprint: str | None = None,
 ) -> dict:
     """Extract lin.1/lin.4 features (cached, given a backbone fingerprint), train the head, score the
-    val set; write metrics.json and head.pt."""
+    val set; write metrics.json, head.pt and predictions.png."""
     backbone = backbone.to(device).eval()
     num_blocks = getattr(backbone, "n_blocks", None) or len(backbone.blocks)
     blocks = depth_layer_indices(num_blocks, layers)
@@ -231,8 +231,14 @@ def run_depth_eval(
                              norm_strategy=norm_strategy, epochs=epochs, lr=lr, batch_size=batch_size,
                              device=device)  # fmt: skip
     val_depths = [load_depth(d) for _, d in val_pairs]
-    metrics = evaluate_depth(head, feats(val_pairs, "val features"), val_depths, max_eval_depth=max_depth,
-                             device=device)  # fmt: skip
+    val_feats = feats(val_pairs, "val features")
+    metrics = evaluate_depth(head, val_feats, val_depths, max_eval_depth=max_depth, device=device)
+    with torch.no_grad():
+        rows = [
+            (img, gt.numpy(), head(val_feats[i : i + 1].to(device), size=tuple(gt.shape))[0].cpu().numpy())
+            for i, ((img, _), gt) in enumerate(zip(val_pairs[:PREVIEWS], val_depths, strict=False))
+        ]
+    save_previews(out / "predictions.png", rows)
     result = {
         "task": "depth", "layers": layers, "blocks": blocks, "side": side, "n_bins": n_bins,
         "min_depth": min_depth, "max_depth": max_depth, "norm_strategy": norm_strategy, "epochs": epochs,
@@ -247,28 +253,18 @@ def run_depth_eval(
 
 
 def depth_command(
-    train_data: Annotated[
-        Path, typer.Option("--train-data", help="Folder with images/ and depth/ (same stems).")
-    ],
+    train_data: Annotated[Path, typer.Option("--train-data", help="Folder with images/ and depth/ (same stems).")],
     val_data: Annotated[Path, typer.Option("--val-data", help="Validation folder, same layout.")],
     out: OutOpt = Path("runs/eval_depth"),
     model: ModelOpt = None,
     weights: WeightsOpt = None,
-    layers: Annotated[
-        int, typer.Option("--layers", help="1 = lin.1 (last block), 4 = lin.4 (four blocks).")
-    ] = 1,
+    layers: Annotated[int, typer.Option("--layers", help="1 = lin.1 (last block), 4 = lin.4 (four blocks).")] = 1,
     size: Annotated[int, typer.Option("--size", min=1, help="Square side the images are resized to.")] = 448,
     n_bins: Annotated[int, typer.Option("--bins", min=2, help="Depth bins (paper: 256).")] = 256,
     min_depth: Annotated[float, typer.Option("--min-depth", help="Lowest bin, metres.")] = 1e-3,
-    max_depth: Annotated[
-        float, typer.Option("--max-depth", help="Highest bin, metres (NYU 10, KITTI 80).")
-    ] = 10.0,
-    norm_strategy: Annotated[
-        str, typer.Option("--bin-norm", help="linear (official) or softmax.")
-    ] = "linear",
-    epochs: Annotated[
-        int, typer.Option("--epochs", min=1, help="Passes over the cached train features.")
-    ] = 20,
+    max_depth: Annotated[float, typer.Option("--max-depth", help="Highest bin, metres (NYU 10, KITTI 80).")] = 10.0,
+    norm_strategy: Annotated[str, typer.Option("--bin-norm", help="linear (official) or softmax.")] = "linear",
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the cached train features.")] = 20,
     lr: Annotated[float, typer.Option("--lr", help="AdamW peak learning rate.")] = 1e-3,
     batch_size: BatchOpt = 16,
     device: DeviceOpt = "auto",
@@ -278,7 +274,7 @@ def depth_command(
 
     Layout: DIR/images/<stem>.jpg|png and DIR/depth/<stem>.png (uint16, mm) or <stem>.npy (metres);
     depth 0 = invalid.
-    Writes metrics.json and head.pt into --out.
+    Writes metrics.json, head.pt and predictions.png (a few val images) into --out.
     """
     dev = resolve_device(device)
     backbone = load_model_from_opts(model, weights, str(dev))

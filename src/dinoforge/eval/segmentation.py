@@ -30,6 +30,7 @@ from dinoforge.eval.features import CacheOpt, cache_root, feature_key, model_fin
 from dinoforge.utils import DinoforgeError, atomic_torch_save, resolve_device, track, write_json
 
 IGNORE_INDEX = 255
+PREVIEWS = 4  # val images drawn in predictions.png
 
 
 # --------------------------------------------------------------------------- data (shared with depth.py)
@@ -41,9 +42,7 @@ def list_pairs(root: str | Path, label_dir: str, label_exts: Sequence[str]) -> l
     img_dir, lab_dir = root / "images", root / label_dir
     for d in (img_dir, lab_dir):
         if not d.is_dir():
-            raise DinoforgeError(
-                f"expected folder {d} (layout: {root}/images/*.jpg|png and {lab_dir}/<stem>)"
-            )
+            raise DinoforgeError(f"expected folder {d} (layout: {root}/images/*.jpg|png and {lab_dir}/<stem>)")
     images = sorted(p for p in img_dir.iterdir() if is_image_file(p))
     if not images:
         raise DinoforgeError(f"no images in {img_dir}")
@@ -95,9 +94,7 @@ def dense_features(
     With `with_cls`, each layer's CLS token is broadcast over the grid and appended after its patch
     tokens (the paper's depth probes). `layers` is the last-n count or explicit block indices.
     """
-    outs = backbone.get_intermediate_layers(
-        images, n=layers, reshape=True, return_class_token=True, norm=norm
-    )
+    outs = backbone.get_intermediate_layers(images, n=layers, reshape=True, return_class_token=True, norm=norm)
     maps = []
     for patches, cls in outs:
         maps.append(patches)
@@ -146,9 +143,7 @@ def load_mask(path: Path) -> torch.Tensor:
     """A (H, W) int64 class-id map from a single-channel (L or palette) PNG."""
     with Image.open(path) as im:
         if im.mode not in ("L", "P", "I", "I;16"):
-            raise DinoforgeError(
-                f"mask {path} has mode {im.mode}: expected one channel of class ids (L or P)"
-            )
+            raise DinoforgeError(f"mask {path} has mode {im.mode}: expected one channel of class ids (L or P)")
         return torch.from_numpy(np.asarray(im).astype(np.int64))
 
 
@@ -358,6 +353,33 @@ def predict_seg_multiscale(
 # --------------------------------------------------------------------------- end to end
 
 
+def save_previews(path: Path, rows: Sequence[tuple[Path, np.ndarray, np.ndarray]], num_classes: int = 0) -> Path:
+    """PNG grid, one row per image: input | ground truth | prediction, as class colours (ignore = white)
+    when `num_classes` is given, else as depth maps on a shared scale (invalid ground truth = white)."""
+    import matplotlib.pyplot as plt
+
+    from dinoforge.viz.common import save_figure
+
+    fig, axes = plt.subplots(len(rows), 3, figsize=(9, 3 * len(rows)), squeeze=False)
+    for ax_row, (img_path, gt, pred) in zip(axes, rows, strict=True):
+        img = load_image(img_path).resize(gt.shape[::-1], Image.BILINEAR)
+        ax_row[0].imshow(np.asarray(img))
+        if num_classes:
+            kw = dict(cmap="tab20", vmin=0, vmax=max(num_classes - 1, 1), interpolation="nearest")
+            gt = np.ma.masked_equal(gt, IGNORE_INDEX)
+        else:
+            valid = gt[gt > 0]
+            lo, hi = (float(valid.min()), float(valid.max())) if valid.size else (0.0, 1.0)
+            kw = dict(cmap="magma_r", vmin=lo, vmax=hi)
+            gt = np.ma.masked_less_equal(gt, 0)
+        ax_row[1].imshow(gt, **kw)
+        ax_row[2].imshow(pred, **kw)
+        for ax, title in zip(ax_row, ("image", "ground truth", "prediction"), strict=True):
+            ax.set_title(title)
+            ax.axis("off")
+    return save_figure(fig, path)
+
+
 def _parse_scales(text: str) -> list[float]:
     try:
         scales = [float(s) for s in text.split(",") if s.strip()]
@@ -386,7 +408,7 @@ def run_seg_eval(
     fingerprint: str | None = None,
 ) -> dict:
     """Extract features (cached, given a backbone fingerprint), train the head on `train_data`, score
-    `val_data`; write metrics.json and head.pt."""
+    `val_data`; write metrics.json, head.pt and predictions.png."""
     if layers < 1:
         raise DinoforgeError(f"--layers must be >= 1, got {layers}")
     backbone = backbone.to(device).eval()
@@ -411,9 +433,7 @@ def run_seg_eval(
     )
     grid = train_feats.shape[-1]
     target = torch.stack([resize_nearest(m, grid * backbone.patch_size) for m in train_masks])
-    head = train_seg_probe(
-        train_feats, target, num_classes, epochs=epochs, lr=lr, batch_size=batch_size, device=device
-    )
+    head = train_seg_probe(train_feats, target, num_classes, epochs=epochs, lr=lr, batch_size=batch_size, device=device)
     val_masks = [load_mask(m) for _, m in val_pairs]
     if list(scales) == [1.0] and not flip:
         val_feats = extract_dense(
@@ -427,14 +447,25 @@ def run_seg_eval(
             fingerprint=fingerprint,
         )
         metrics = evaluate_seg(head, val_feats, val_masks, num_classes, device=device)
+        with torch.no_grad():
+            previews = [
+                head(val_feats[i : i + 1].to(device), size=tuple(val_masks[i].shape))[0].argmax(0).cpu()
+                for i in range(min(PREVIEWS, len(val_pairs)))
+            ]
     else:
         conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+        previews = []
         for (img, _), mask in track(list(zip(val_pairs, val_masks, strict=True)), "multi-scale test"):
             probs = predict_seg_multiscale(
                 backbone, head, image_tensor(img).to(device), tuple(mask.shape), layers, side, scales, flip
             )
-            conf += confusion_matrix(probs.argmax(0).cpu(), mask, num_classes)
+            pred = probs.argmax(0).cpu()
+            conf += confusion_matrix(pred, mask, num_classes)
+            if len(previews) < PREVIEWS:
+                previews.append(pred)
         metrics = metrics_from_confusion(conf)
+    rows = [(p, m.numpy(), pr.numpy()) for (p, _), m, pr in zip(val_pairs, val_masks, previews, strict=False)]
+    save_previews(out / "predictions.png", rows, num_classes=num_classes)
     result = {
         "task": "segmentation",
         "layers": layers,
@@ -458,12 +489,8 @@ def run_seg_eval(
 
 
 def seg_command(
-    train_data: Annotated[
-        Path, typer.Option("--train-data", help="Folder with images/ and masks/ (same stems).")
-    ],
-    val_data: Annotated[
-        Path, typer.Option("--val-data", help="Validation folder, same layout as --train-data.")
-    ],
+    train_data: Annotated[Path, typer.Option("--train-data", help="Folder with images/ and masks/ (same stems).")],
+    val_data: Annotated[Path, typer.Option("--val-data", help="Validation folder, same layout as --train-data.")],
     out: OutOpt = Path("runs/eval_seg"),
     model: ModelOpt = None,
     weights: WeightsOpt = None,
@@ -471,13 +498,9 @@ def seg_command(
         int | None,
         typer.Option("--num-classes", min=1, help="Classes (default: 1 + largest id in train masks)."),
     ] = None,
-    layers: Annotated[
-        int, typer.Option("--layers", min=1, help="1 = last block (lin.), 4 = last four (+ms).")
-    ] = 1,
+    layers: Annotated[int, typer.Option("--layers", min=1, help="1 = last block (lin.), 4 = last four (+ms).")] = 1,
     size: Annotated[int, typer.Option("--size", min=1, help="Square side the images are resized to.")] = 448,
-    epochs: Annotated[
-        int, typer.Option("--epochs", min=1, help="Passes over the cached train features.")
-    ] = 20,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the cached train features.")] = 20,
     lr: Annotated[float, typer.Option("--lr", help="AdamW peak learning rate.")] = 1e-3,
     ms_scales: Annotated[
         str,
@@ -493,7 +516,7 @@ def seg_command(
     """Semantic segmentation linear probe: BN + 1x1 conv on frozen patch tokens, mIoU and per-class IoU.
 
     Layout: DIR/images/<stem>.jpg|png and DIR/masks/<stem>.png (pixel = class id, 255 = ignore).
-    Writes metrics.json and head.pt into --out.
+    Writes metrics.json, head.pt and predictions.png (a few val images) into --out.
     """
     dev = resolve_device(device)
     backbone = load_model_from_opts(model, weights, str(dev))
