@@ -13,7 +13,15 @@ from dinoforge.models.layers import Block, drop_add_residual_stochastic_depth
 from dinoforge.models.weights import normalize_state_dict
 from dinoforge.utils import DinoforgeError
 
-SIZES = [(224, 224), (518, 518), (546, 546), (602, 602), (224, 434), (98, 126)]
+_BIG = pytest.mark.slow
+SIZES = [
+    (224, 224),
+    pytest.param((518, 518), marks=_BIG),
+    pytest.param((546, 546), marks=_BIG),
+    pytest.param((602, 602), marks=_BIG),
+    (224, 434),
+    (98, 126),
+]
 TOL = 1e-5
 
 
@@ -94,7 +102,7 @@ def test_forward_features_match_official(pair, hw):
         _close(ours(x), ref(x))
 
 
-@pytest.mark.parametrize("hw", [(224, 434), (602, 602)])
+@pytest.mark.parametrize("hw", [(224, 434), pytest.param((602, 602), marks=_BIG)])
 def test_intermediate_layers_match_official(pair, hw):
     ours, ref = pair
     x = torch.randn(1, 3, *hw)

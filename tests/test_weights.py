@@ -35,10 +35,11 @@ def reg_model():
 
 
 def test_hub_names_build_official_configs():
-    m = load_backbone("dinov2_vits14_reg")
-    assert m.arch | {} == m.arch and not m.training
+    with torch.device("meta"):
+        m = load_backbone("dinov2_vits14_reg", device="meta")
+    assert not m.training
     assert (m.num_register_tokens, m.interpolate_antialias, m.interpolate_offset) == (4, True, 0.0)
-    assert m.pos_embed.shape == (1, 37 * 37 + 1, 384) and m.blocks[0].ls1.gamma.eq(1.0).all()
+    assert m.pos_embed.shape == (1, 37 * 37 + 1, 384) and m.blocks[0].ls1.init_values == 1.0
     assert PRESETS["dinov2_vitg14"]["ffn_layer"] == "swiglufused" and PRESETS["dinov2_vitl14"]["depth"] == 24
     assert PRESETS["dinov2_vitb14"]["interpolate_offset"] == 0.1
     with pytest.raises(DinoforgeError, match="unknown backbone 'dinov2_vitx14'"):

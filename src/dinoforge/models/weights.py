@@ -72,13 +72,18 @@ def load_backbone(
         state_dict, stored_arch = read_weights(weights)
         if arch is None:
             arch = stored_arch or infer_arch(state_dict)
-    model = build_backbone({**arch, **overrides})
-    if state_dict is not None:
-        load_state_dict_strict(model, state_dict, source=str(weights))
+    if state_dict is None:
+        return build_backbone({**arch, **overrides}).to(device).eval()
+    with torch.device("meta"):  # skip the random init that the weights overwrite anyway
+        model = build_backbone({**arch, **overrides})
+    state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+    load_state_dict_strict(model, state_dict, source=str(weights), assign=True)
     return model.to(device).eval()
 
 
-def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, Tensor], source: str = "weights") -> None:
+def load_state_dict_strict(
+    model: torch.nn.Module, state_dict: dict[str, Tensor], source: str = "weights", assign: bool = False
+) -> None:
     """load_state_dict that raises one DinoforgeError listing missing, unexpected and mis-shaped keys."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
@@ -99,7 +104,7 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, Tensor]
             problems.append(f"{label} ({len(items)}): {shown}")
     if problems:
         raise DinoforgeError(f"weights from {source} do not fit the model: " + "; ".join(problems))
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict(state_dict, strict=True, assign=assign)
 
 
 def save_backbone(model: DinoVisionTransformer, path: str | Path) -> Path:
