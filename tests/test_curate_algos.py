@@ -184,6 +184,7 @@ def _dist_worker(rank, world, init_file, x, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_distributed_lloyd_two_processes_match_one(tmp_path):
     import torch.multiprocessing as mp
 

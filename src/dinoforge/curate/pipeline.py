@@ -30,6 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 64,
     "shard_size": 10000,
     "seed": 0,
+    "gpu": False,
     "dedup": {
         "threshold": DEFAULT_THRESHOLD,
         "test_threshold": DEFAULT_THRESHOLD,
@@ -122,7 +123,7 @@ def run_pipeline(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     }
     report["curated_unreadable"] = {n: len(s.skipped) for n, s in curated.items()}
 
-    dd = dedup(pool.shards, cfg.dedup.threshold, cfg.dedup.k, cfg.dedup.index)
+    dd = dedup(pool.shards, cfg.dedup.threshold, cfg.dedup.k, cfg.dedup.index, cfg.gpu)
     keep = dd.keep
     report["dedup"] = {
         "threshold": cfg.dedup.threshold,
@@ -131,11 +132,9 @@ def run_pipeline(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         "kept": len(keep),
     }
     near_test = np.zeros(len(keep), bool)
-    test_sim = np.full(len(keep), np.nan, np.float32)
+    kept_vectors = take_rows(pool.shards, keep) if tests else None
     for t in tests:
-        hit, best, _ = near_reference(take_rows(pool.shards, keep), t.shards, cfg.dedup.test_threshold)
-        near_test |= hit
-        test_sim = np.fmax(test_sim, best)
+        near_test |= near_reference(kept_vectors, t.shards, cfg.dedup.test_threshold, gpu=cfg.gpu)[0]
     report["test_near_duplicates_removed"] = int(near_test.sum())
     clean = keep[~near_test]
     if len(clean) == 0:
@@ -153,6 +152,7 @@ def run_pipeline(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
             cfg.cluster.sample_sizes,
             cfg.seed,
             cfg.cluster.engine,
+            cfg.gpu,
         )
     cluster_ids = hier.point_clusters() if hier is not None else None
 
@@ -166,6 +166,7 @@ def run_pipeline(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
             cfg.retrieve.sample_min_size,
             pool_clusters=hier.levels[0] if hier else None,
             seed=cfg.seed,
+            gpu=cfg.gpu,
         )
         report["retrieve"] = {}
         for name, r in got.items():
