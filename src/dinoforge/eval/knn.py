@@ -109,10 +109,10 @@ def knn_classify(
             train_feats, train_labels, test_feats[start : start + chunk_size], max_k, train_chunk, distributed
         )
         weights = torch.softmax(sims / T, dim=1)
-        votes = F.one_hot(labels, num_classes).float() * weights.unsqueeze(-1)
-        cum = votes.cumsum(dim=1)
         for k in ks:
-            out[k][start : start + len(sims)] = cum[:, min(k, cum.shape[1]) - 1].cpu()
+            scores = torch.zeros(len(sims), num_classes, device=sims.device)
+            scores.scatter_add_(1, labels[:, :k], weights[:, :k])
+            out[k][start : start + len(sims)] = scores.cpu()
     return out
 
 

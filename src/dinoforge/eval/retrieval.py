@@ -78,12 +78,18 @@ def revisitop_map(
     return out
 
 
+def _ranked_rows(feats: torch.Tensor, chunk_size: int = 256):
+    """(query index, database ranking) for every row of `feats` against all rows, a chunk at a time."""
+    for start in range(0, len(feats), chunk_size):
+        ranks = rank_database(feats[start : start + chunk_size], feats, chunk_size)
+        yield from enumerate(ranks, start)
+
+
 def labelled_retrieval(feats: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict:
     """Each image queries all others: mAP (standard AP), recall@k (a same-label image in the top k), %."""
     labels = labels.cpu().numpy()
-    ranks = rank_database(feats, feats)
     aps, hits = [], {k: [] for k in ks}
-    for i, row in enumerate(ranks):
+    for i, row in _ranked_rows(feats):
         row = row[row != i]
         rel = labels[row] == labels[i]
         if not rel.any():
@@ -121,9 +127,7 @@ def retrieval_command(
     weights: WeightsOpt = None,
     gnd: Path | None = typer.Option(None, "--gnd", help="Ground-truth JSON (query, db, gnd; see docs)."),
     images: Path | None = typer.Option(None, "--images", help="Root folder of the --gnd image paths."),
-    data: str = typer.Option(
-        "bundled:val", "--data", help="Labelled images for generic retrieval (no --gnd)."
-    ),
+    data: str = typer.Option("bundled:val", "--data", help="Labelled images for generic retrieval (no --gnd)."),
     out: OutOpt = Path("runs/eval_retrieval"),
     image_size: ImageSizeOpt = None,
     batch_size: BatchOpt = 64,
