@@ -165,6 +165,9 @@ def test_timm_state_dict_loads_into_timm(reg_model, tmp_path):
         a, o = tm.eval().forward_features(x), reg_model.forward_features(x)
     ref = torch.cat([o["x_norm_clstoken"][:, None], o["x_norm_regtokens"], o["x_norm_patchtokens"]], dim=1)
     assert (a - ref).abs().max().item() <= 1e-5
+    back = load_backbone(path, num_heads=2)
+    assert back.num_register_tokens == 4 and back.interpolate_offset == 0.0
+    _same(back, reg_model)
 
 
 def test_timm_giant_swiglu_layout(tmp_path):
@@ -182,3 +185,5 @@ def test_timm_giant_swiglu_layout(tmp_path):
     assert (a[:, 0] - o["x_norm_clstoken"]).abs().max().item() <= 1e-5
     back = DinoVisionTransformer(**m.arch)
     back.load_state_dict(timm_to_official(tm.state_dict(), swiglu=True), strict=True)
+    torch.save(tm.state_dict(), tmp_path / "timm_g.pth")
+    assert load_backbone(tmp_path / "timm_g.pth").arch["ffn_layer"] == "swiglufused"

@@ -168,8 +168,8 @@ def normalize_state_dict(obj: dict[str, Any], source: str = "weights") -> dict[s
     """Unwrap training checkpoints and prefixes into official backbone keys.
 
     Handles {'teacher': ...} (keys backbone.*), {'model': ...} (teacher.backbone.* preferred over
-    student.backbone.*), {'state_dict': ...}, module./backbone./_orig_mod. prefixes and chunked
-    `blocks.{chunk}.{i}.` keys.
+    student.backbone.*), {'state_dict': ...}, module./backbone./_orig_mod. prefixes, chunked
+    `blocks.{chunk}.{i}.` keys and timm dinov2 state dicts (recognised by the absent mask token).
     """
     sd: Any = obj
     for key in ("teacher", "model", "state_dict"):
@@ -190,7 +190,19 @@ def normalize_state_dict(obj: dict[str, Any], source: str = "weights") -> dict[s
     sd = {_unchunk(_strip(k, _PREFIXES)): v for k, v in sd.items() if k != "arch"}
     if not sd or not all(isinstance(v, Tensor) for v in sd.values()):
         raise DinoforgeError(f"no backbone weights found in {source} (expected a state dict of tensors)")
+    if "cls_token" in sd and "mask_token" not in sd:
+        return _from_timm(sd)
     return sd
+
+
+def _from_timm(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """timm `vit_*_dinov2` layout (no mask token, reg_token, fc1/fc2 SwiGLU) to official keys."""
+    from dinoforge.export.timm import timm_to_official
+
+    dim = sd["cls_token"].shape[-1]
+    fc1 = sd.get("blocks.0.mlp.fc1.weight")
+    swiglu = fc1 is not None and fc1.shape[0] == 2 * swiglu_hidden_features(4 * dim) != 4 * dim
+    return timm_to_official(sd, swiglu=swiglu)
 
 
 def _strip(key: str, prefixes: tuple[str, ...]) -> str:
