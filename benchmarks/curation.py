@@ -74,9 +74,17 @@ def bench_kmeans(x: np.ndarray, k: int, niter: int, seed: int, repeat: int) -> N
     t = time.perf_counter()
     _, torch_inertia = torch_kmeans(x, init, niter)
     torch_s = (time.perf_counter() - t) / (niter + 1)
-    common = dict(bench="kmeans", n=n, d=d, k=k, niter=niter, raw_faiss_s_per_iter=round(raw_s, 4),
-                  plain_torch_s_per_iter=round(torch_s, 4), raw_faiss_inertia=raw_inertia,
-                  plain_torch_inertia=torch_inertia)
+    common = dict(
+        bench="kmeans",
+        n=n,
+        d=d,
+        k=k,
+        niter=niter,
+        raw_faiss_s_per_iter=round(raw_s, 4),
+        plain_torch_s_per_iter=round(torch_s, 4),
+        raw_faiss_inertia=raw_inertia,
+        plain_torch_inertia=torch_inertia,
+    )
     for engine in ("faiss", "lloyd"):
         s = float("inf")
         for _ in range(repeat):
@@ -86,10 +94,16 @@ def bench_kmeans(x: np.ndarray, k: int, niter: int, seed: int, repeat: int) -> N
             else:
                 res = kmeans_lloyd(x, k, niter, seed, init=init)
             s = min(s, (time.perf_counter() - t) / niter)
-        emit(engine=f"dinoforge.{engine}", s_per_iter=round(s, 4), ratio_vs_raw_faiss=round(s / raw_s, 3),
-             speedup_vs_plain_torch=round(torch_s / s, 2), inertia=res.inertia,
-             inertia_vs_plain_torch=round(res.inertia / torch_inertia, 5), **common,
-             note="s_per_iter = total / niter, including the final full assignment")
+        emit(
+            engine=f"dinoforge.{engine}",
+            s_per_iter=round(s, 4),
+            ratio_vs_raw_faiss=round(s / raw_s, 3),
+            speedup_vs_plain_torch=round(torch_s / s, 2),
+            inertia=res.inertia,
+            inertia_vs_plain_torch=round(res.inertia / torch_inertia, 5),
+            **common,
+            note="s_per_iter = total / niter, including the final full assignment",
+        )
 
 
 def bench_dups(x: np.ndarray, threshold: float, index_type: str) -> None:
@@ -107,10 +121,20 @@ def bench_dups(x: np.ndarray, threshold: float, index_type: str) -> None:
         index.nprobe = 16
     index.add(x)
     lims, _, ii = index.range_search(x, threshold)
-    raw_pairs = int(((ii > np.repeat(np.arange(n), np.diff(lims).astype(np.int64)))).sum())
+    raw_pairs = int((ii > np.repeat(np.arange(n), np.diff(lims).astype(np.int64))).sum())
     raw_s = time.perf_counter() - t
-    emit(bench="duplicate_search", index=index_type, n=n, d=d, threshold=threshold, s=round(ours_s, 3),
-         raw_faiss_s=round(raw_s, 3), ratio_vs_raw=round(ours_s / raw_s, 3), pairs=len(pairs), raw_pairs=raw_pairs)
+    emit(
+        bench="duplicate_search",
+        index=index_type,
+        n=n,
+        d=d,
+        threshold=threshold,
+        s=round(ours_s, 3),
+        raw_faiss_s=round(raw_s, 3),
+        ratio_vs_raw=round(ours_s / raw_s, 3),
+        pairs=len(pairs),
+        raw_pairs=raw_pairs,
+    )
 
 
 def main() -> None:
@@ -125,8 +149,14 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2, help="k-means timings: best of this many runs")
     ap.add_argument("--skip", action="append", default=[], choices=["kmeans", "flat", "ivf"])
     args = ap.parse_args()
-    emit(bench="env", threads=torch.get_num_threads(), faiss_threads=faiss.omp_get_max_threads(),
-         cpus=os.cpu_count(), faiss=faiss.__version__, torch=torch.__version__)
+    emit(
+        bench="env",
+        threads=torch.get_num_threads(),
+        faiss_threads=faiss.omp_get_max_threads(),
+        cpus=os.cpu_count(),
+        faiss=faiss.__version__,
+        torch=torch.__version__,
+    )
     for n in args.n or [1_000_000]:
         x = synthetic(n, args.d, 1000, args.seed)
         if "kmeans" not in args.skip:

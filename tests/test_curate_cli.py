@@ -48,22 +48,59 @@ def test_cli_chain(tmp_path, monkeypatch):
     assert len(removed) and np.mean(correct) >= 0.95
     assert (tmp_path / "dd" / "duplicates.png").exists()
 
-    invoke("cluster", "--emb", tmp_path / "emb", "--out", tmp_path / "cl", "--levels", "20,5",
-           "--resample-steps", "0,2", "--sample-sizes", "0,2")
+    invoke(
+        "cluster",
+        "--emb",
+        tmp_path / "emb",
+        "--out",
+        tmp_path / "cl",
+        "--levels",
+        "20,5",
+        "--resample-steps",
+        "0,2",
+        "--sample-sizes",
+        "0,2",
+    )
     assert (tmp_path / "cl" / "clusters.png").exists()
-    invoke("sample", "--emb", tmp_path / "emb", "--clusters", tmp_path / "cl", "--out", tmp_path / "s",
-           "--target-size", 50)
+    invoke(
+        "sample", "--emb", tmp_path / "emb", "--clusters", tmp_path / "cl", "--out", tmp_path / "s", "--target-size", 50
+    )
     s = json.loads((tmp_path / "s" / "sample.json").read_text())
     assert s["picked"] == 50 == len(FileListDataset(tmp_path / "s" / "manifest.jsonl"))
-    invoke("retrieve", "--pool", tmp_path / "emb", "--curated", f"t={tmp_path / 'temb'}", "--out", tmp_path / "r",
-           "--sample-min-size", 1, "--k", 3)
+    invoke(
+        "retrieve",
+        "--pool",
+        tmp_path / "emb",
+        "--curated",
+        f"t={tmp_path / 'temb'}",
+        "--out",
+        tmp_path / "r",
+        "--sample-min-size",
+        1,
+        "--k",
+        3,
+    )
     got = FileListDataset(tmp_path / "r" / "manifest.jsonl")
     assert len(got) == 3 and got.records[0]["method"] == "sample"
     assert np.isclose(max(r["similarity"] for r in got.records), 1.0, atol=1e-2)  # the identical original
 
 
 def test_errors_are_one_line(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "dinoforge.cli", "curate", "dedup", "--emb", str(tmp_path),
-                          "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dinoforge.cli",
+            "curate",
+            "dedup",
+            "--emb",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2
     assert res.stderr.strip().startswith("error: no embedding shards") and len(res.stderr.strip().splitlines()) == 1

@@ -159,9 +159,22 @@ def test_empty_inputs_raise_clear_errors(tmp_path):
 
 
 def _config(tmp_path, pool, extra=()):
-    return load_config(None, [f"pool={pool}", f"curated.cat={tmp_path / 'cat'}", f"test=[{tmp_path / 'test'}]",
-                              "cluster.levels=[24,6]", "cluster.engine=lloyd", "cluster.niter=10",
-                              "sample.target_size=80", "retrieve.m=5", "shard_size=64", "device=cpu", *extra])
+    return load_config(
+        None,
+        [
+            f"pool={pool}",
+            f"curated.cat={tmp_path / 'cat'}",
+            f"test=[{tmp_path / 'test'}]",
+            "cluster.levels=[24,6]",
+            "cluster.engine=lloyd",
+            "cluster.niter=10",
+            "sample.target_size=80",
+            "retrieve.m=5",
+            "shard_size=64",
+            "device=cpu",
+            *extra,
+        ],
+    )
 
 
 def _make_sets(tmp_path):
@@ -203,15 +216,37 @@ def test_pipeline_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_one_vs_two_processes_same_manifest(tmp_path):
     _make_sets(tmp_path)
-    overrides = [f"pool={tmp_path / 'pool'}", f"curated.cat={tmp_path / 'cat'}", f"test=[{tmp_path / 'test'}]",
-                 "cluster.levels=[24,6]", "cluster.engine=lloyd", "cluster.niter=10", "sample.target_size=80",
-                 "retrieve.m=5", "shard_size=64", "device=cpu"]
+    overrides = [
+        f"pool={tmp_path / 'pool'}",
+        f"curated.cat={tmp_path / 'cat'}",
+        f"test=[{tmp_path / 'test'}]",
+        "cluster.levels=[24,6]",
+        "cluster.engine=lloyd",
+        "cluster.niter=10",
+        "sample.target_size=80",
+        "retrieve.m=5",
+        "shard_size=64",
+        "device=cpu",
+    ]
     env = os.environ | {"DINOFORGE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
     outs = {}
     for n in (1, 2):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m",
-               "dinoforge.cli", "curate", "run", "--out", str(tmp_path / f"out{n}"), "--config",
-               str(tmp_path / "cfg.yaml"), *overrides]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={n}",
+            "-m",
+            "dinoforge.cli",
+            "curate",
+            "run",
+            "--out",
+            str(tmp_path / f"out{n}"),
+            "--config",
+            str(tmp_path / "cfg.yaml"),
+            *overrides,
+        ]
         (tmp_path / "cfg.yaml").write_text("seed: 0\n")
         subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=240)
         outs[n] = (tmp_path / f"out{n}" / "manifest.jsonl").read_text()

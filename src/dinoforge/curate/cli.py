@@ -22,8 +22,7 @@ ThresholdOpt = Annotated[
     typer.Option(
         "--threshold",
         "-t",
-        help="Cosine at or above which two images are "
-        "near duplicates (0.93 is measured for the pixel descriptor).",
+        help="Cosine at or above which two images are near duplicates (0.93 is measured for the pixel descriptor).",
     ),
 ]
 
@@ -39,9 +38,7 @@ def _ints(text: str | None, what: str) -> list[int]:
 
 @app.command("embed")
 def embed_cmd(
-    data: Annotated[
-        str, typer.Option("--data", "-d", help="Image folder, .txt/.csv/.jsonl list or bundled[:split].")
-    ],
+    data: Annotated[str, typer.Option("--data", "-d", help="Image folder, .txt/.csv/.jsonl list or bundled[:split].")],
     out: OutOpt,
     model: Annotated[
         str,
@@ -80,9 +77,7 @@ def dedup_cmd(
         ),
     ] = None,
     index: Annotated[str, typer.Option("--index", help="flat (exact), ivf or ivfpq (large pools).")] = "flat",
-    k: Annotated[
-        int | None, typer.Option("--k", min=1, help="Use a k-NN search instead of range search.")
-    ] = None,
+    k: Annotated[int | None, typer.Option("--k", min=1, help="Use a k-NN search instead of range search.")] = None,
 ) -> None:
     """De-duplicate a pool: keep one image per near-duplicate component, drop copies of test images."""
     from dinoforge.curate.dedup import dedup, near_reference
@@ -100,10 +95,7 @@ def dedup_cmd(
     out.mkdir(parents=True, exist_ok=True)
     write_manifest(
         out / "manifest.jsonl",
-        [
-            {"path": pool.paths[i], "step": "dedup", "source": "pool", "similarity": None}
-            for i in keep[~near].tolist()
-        ],
+        [{"path": pool.paths[i], "step": "dedup", "source": "pool", "similarity": None} for i in keep[~near].tolist()],
     )
     first = {int(c): i for i, c in reversed(list(enumerate(res.component.tolist())))}
     write_manifest(
@@ -141,15 +133,11 @@ def cluster_cmd(
     out: OutOpt,
     levels: Annotated[str, typer.Option("--levels", help="Clusters per level, e.g. 1000,100,10.")] = "100,10",
     niter: Annotated[int, typer.Option("--niter", min=1, help="Lloyd iterations per k-means.")] = 20,
-    resample_steps: Annotated[
-        str, typer.Option("--resample-steps", help="Resampling steps per level.")
-    ] = "0",
+    resample_steps: Annotated[str, typer.Option("--resample-steps", help="Resampling steps per level.")] = "0",
     sample_sizes: Annotated[
         str, typer.Option("--sample-sizes", help="Points per cluster in resampling, per level.")
     ] = "0",
-    engine: Annotated[
-        str, typer.Option("--engine", help="auto, faiss or lloyd (streaming/distributed).")
-    ] = "auto",
+    engine: Annotated[str, typer.Option("--engine", help="auto, faiss or lloyd (streaming/distributed).")] = "auto",
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
     """Hierarchical k-means with resampling over pool embeddings (distributed under torchrun)."""
@@ -189,9 +177,7 @@ def sample_cmd(
     clusters: Annotated[Path, typer.Option("--clusters", "-c", help="Folder written by `curate cluster`.")],
     out: OutOpt,
     target_size: Annotated[int, typer.Option("--target-size", "-n", min=1, help="Images to keep.")],
-    strategy: Annotated[
-        str, typer.Option("--strategy", help="random or closest (to the centroid).")
-    ] = "random",
+    strategy: Annotated[str, typer.Option("--strategy", help="random or closest (to the centroid).")] = "random",
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
     """Balanced hierarchical sampling of a clustered pool down to a target size."""
@@ -204,9 +190,7 @@ def sample_cmd(
     pool = EmbeddingStore.open(emb)
     h = Hierarchy.load(require_file(clusters / "hierarchy.npz", "cluster hierarchy"))
     if len(h.levels[0].assign) != len(pool):
-        raise DinoforgeError(
-            f"{clusters} clusters {len(h.levels[0].assign)} images but {emb} has {len(pool)}"
-        )
+        raise DinoforgeError(f"{clusters} clusters {len(h.levels[0].assign)} images but {emb} has {len(pool)}")
     picked = balanced_sample(h, target_size, strategy, seed)
     ids = h.point_clusters()
     write_manifest(
@@ -245,9 +229,7 @@ def retrieve_cmd(
     m: Annotated[int, typer.Option("--m", min=1, help="Images per matched cluster (cluster-based).")] = 100,
     sample_min_size: Annotated[
         int,
-        typer.Option(
-            "--sample-min-size", help="Sources with at least this many images use sample-based retrieval."
-        ),
+        typer.Option("--sample-min-size", help="Sources with at least this many images use sample-based retrieval."),
     ] = 1_000_000,
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
@@ -270,17 +252,13 @@ def retrieve_cmd(
         for row, s in zip(r.rows.tolist(), r.similarity.tolist(), strict=True)
     ]
     write_manifest(out / "manifest.jsonl", recs)
-    write_json(
-        out / "retrieve.json", {n: {"method": r.method, "images": len(r.rows)} for n, r in got.items()}
-    )
+    write_json(out / "retrieve.json", {n: {"method": r.method, "images": len(r.rows)} for n, r in got.items()})
     typer.echo(f"retrieved {len(recs)} images -> {out}")
 
 
 @app.command("run")
 def run_cmd(
-    config: Annotated[
-        Path, typer.Option("--config", "-c", help="Curation YAML (see configs/curate_default.yaml).")
-    ],
+    config: Annotated[Path, typer.Option("--config", "-c", help="Curation YAML (see configs/curate_default.yaml).")],
     out: OutOpt,
     overrides: Annotated[
         list[str] | None, typer.Argument(help="key=value overrides, e.g. sample.target_size=500")

@@ -12,7 +12,7 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from dinoforge.curate.kmeans import flat_index
+from dinoforge.curate.kmeans import flat_index, gpu_available
 from dinoforge.curate.store import Data, dim, iter_batches, normalize, num_rows, take_rows, to_array
 from dinoforge.utils import DinoforgeError
 
@@ -45,22 +45,14 @@ def build_index(
         index.train(normalize(take_rows(data, rows)))
         index.nprobe = nprobe
         if gpu:
-            index = faiss.index_cpu_to_all_gpus(index) if _gpu_ok() else _no_gpu()
+            if not gpu_available():
+                raise DinoforgeError("GPU faiss requested but this faiss build has no GPU support or sees no GPU")
+            index = faiss.index_cpu_to_all_gpus(index)
     else:
         raise DinoforgeError(f"unknown index type {index_type!r} (choose flat, ivf or ivfpq)")
     for _, xb in iter_batches(data, batch_size):
         index.add(normalize(xb))
     return index
-
-
-def _gpu_ok() -> bool:
-    from dinoforge.curate.kmeans import gpu_available
-
-    return gpu_available()
-
-
-def _no_gpu():
-    raise DinoforgeError("GPU faiss requested but this faiss build has no GPU support or sees no GPU")
 
 
 def duplicate_pairs(

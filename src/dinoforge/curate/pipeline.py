@@ -113,8 +113,7 @@ def run_pipeline(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     rank, _ = rank_world()
     pool = _embed(str(cfg.pool), out / "embeddings" / "pool", cfg)
     curated = {
-        name: _embed(str(spec), out / "embeddings" / "curated" / name, cfg)
-        for name, spec in cfg.curated.items()
+        name: _embed(str(spec), out / "embeddings" / "curated" / name, cfg) for name, spec in cfg.curated.items()
     }
     tests = [_embed(str(spec), out / "embeddings" / "test" / str(i), cfg) for i, spec in enumerate(cfg.test)]
     report: dict[str, Any] = {
@@ -176,9 +175,7 @@ def run_pipeline(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
                     records[row] = {"step": "retrieve", "source": name, "method": r.method, "similarity": sim}
     if cfg.sample.target_size:
         if hier is None:
-            raise DinoforgeError(
-                "sample.target_size needs cluster.levels (hierarchical k-means) to sample from"
-            )
+            raise DinoforgeError("sample.target_size needs cluster.levels (hierarchical k-means) to sample from")
         picked = balanced_sample(hier, int(cfg.sample.target_size), cfg.sample.strategy, cfg.seed)
         top = cluster_ids[:, -1]
         report["sample"] = {
@@ -222,8 +219,5 @@ def _montages(out: Path, cfg: DictConfig, pool: EmbeddingStore, dd, clean: np.nd
         rng = np.random.default_rng(cfg.seed)
         leaf = cluster_ids[:, 0]
         ids = rng.permutation(np.unique(leaf))[: cfg.montage.clusters]
-        rows = [
-            [pool.paths[int(clean[i])] for i in np.nonzero(leaf == c)[0][: cfg.montage.per_cluster]]
-            for c in ids
-        ]
+        rows = [[pool.paths[int(clean[i])] for i in np.nonzero(leaf == c)[0][: cfg.montage.per_cluster]] for c in ids]
         montage(rows, out / "clusters.png", "one level-0 cluster per row")

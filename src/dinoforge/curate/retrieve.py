@@ -31,9 +31,7 @@ def _best_per_row(rows: np.ndarray, sims: np.ndarray) -> tuple[np.ndarray, np.nd
     return rows[first], sims[first]
 
 
-def sample_based(
-    pool: Data, curated: Data, k: int = 4, index_type: str = "flat", gpu: bool = False
-) -> Retrieved:
+def sample_based(pool: Data, curated: Data, k: int = 4, index_type: str = "flat", gpu: bool = False) -> Retrieved:
     """The k nearest pool images (cosine) of every curated image; union, each with its best similarity."""
     _nonempty(pool, curated)
     index = build_index(pool, index_type, gpu=gpu)
