@@ -27,9 +27,7 @@ def tiny_official_vit():
     from dinov2.models.vision_transformer import DinoVisionTransformer
 
     torch.manual_seed(0)
-    return DinoVisionTransformer(
-        img_size=32, patch_size=4, embed_dim=64, depth=3, num_heads=2, init_values=1.0
-    ).eval()
+    return DinoVisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=3, num_heads=2, init_values=1.0).eval()
 
 
 def test_confusion_and_miou_match_sklearn():
@@ -162,9 +160,7 @@ def test_seg_command_end_to_end(tmp_path: Path, monkeypatch):
     from dinoforge.models.weights import save_backbone
 
     torch.manual_seed(0)
-    vit = DinoVisionTransformer(
-        img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, init_values=1.0
-    )
+    vit = DinoVisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, init_values=1.0)
     weights = save_backbone(vit, tmp_path / "tiny.safetensors")
     make_seg_folder(tmp_path / "train", 24, 32, seed=0)
     make_seg_folder(tmp_path / "val", 6, 40, seed=1)

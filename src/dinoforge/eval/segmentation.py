@@ -5,8 +5,10 @@ Data layout (`--train-data` / `--val-data`): ``root/images/<stem>.jpg|jpeg|png|b
 
 The head is the paper's: BatchNorm + 1x1 conv over the last layer's patch tokens (``layers=1``) or
 the last four layers concatenated (``layers=4``); logits are bilinearly upsampled to the label size
-and trained with cross-entropy that skips the ignore index. Frozen features are extracted once at a
-fixed side length (no train-time augmentation), so training is a cheap pass over cached tensors.
+and trained with cross-entropy that skips the ignore index. Frozen features are extracted once with
+images resized to a square side (a patch multiple; aspect not kept, no train-time augmentation) and
+held in RAM as float16, so training is a cheap pass over cached tensors; validation predictions are
+upsampled back to each mask's own size. Multi-scale testing re-runs the backbone per scale (and flip).
 """
 
 from __future__ import annotations

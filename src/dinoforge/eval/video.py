@@ -63,9 +63,7 @@ def list_clips(root: str | Path, classes: list[str] | None = None) -> tuple[list
             if (p.is_dir() and any(is_image_file(f) for f in p.iterdir())) or p.suffix.lower() in VIDEO_EXTS:
                 clips.append(Clip(p, label))
     if not clips:
-        raise DinoforgeError(
-            f"no clips in {root}: expected {root}/<class>/<clip>/*.jpg or <class>/<clip>.mp4"
-        )
+        raise DinoforgeError(f"no clips in {root}: expected {root}/<class>/<clip>/*.jpg or <class>/<clip>.mp4")
     return clips, classes
 
 
@@ -147,9 +145,7 @@ def clip_features(
     fingerprint: str | None = None,
 ) -> torch.Tensor:
     """(n_clips, D): final normed CLS of `t` sampled frames, averaged per clip; cached when fingerprinted."""
-    transform, _ = eval_transform_for(
-        str(clips[0].path), image_size, int(getattr(backbone, "patch_size", 14))
-    )
+    transform, _ = eval_transform_for(str(clips[0].path), image_size, int(getattr(backbone, "patch_size", 14)))
     dataset = FrameDataset(clips, t, transform)
 
     def compute() -> dict[str, np.ndarray]:
@@ -160,9 +156,7 @@ def clip_features(
     else:
         data_id = "video|" + "|".join(f"{c.path.resolve()}:{c.label}" for c in clips) + f"|t={t}"
         feats = cached(feature_key(fingerprint, data_id, f"{transform!r}"), compute)
-    return average_per_clip(
-        torch.from_numpy(feats["cls"][:, -1]), torch.from_numpy(feats["labels"]), len(clips)
-    )
+    return average_per_clip(torch.from_numpy(feats["cls"][:, -1]), torch.from_numpy(feats["labels"]), len(clips))
 
 
 def video_evaluate(
@@ -209,16 +203,12 @@ def run_video_eval(
 
 
 def video_command(
-    train_data: Annotated[
-        Path, typer.Option("--train-data", help="root/<class>/<clip>/ frames or <clip>.mp4.")
-    ],
+    train_data: Annotated[Path, typer.Option("--train-data", help="root/<class>/<clip>/ frames or <clip>.mp4.")],
     val_data: Annotated[Path, typer.Option("--val-data", help="Validation clips, same layout and classes.")],
     out: OutOpt = Path("runs/eval_video"),
     model: ModelOpt = None,
     weights: WeightsOpt = None,
-    frames: Annotated[
-        int, typer.Option("--frames", "-t", min=1, help="Frames sampled per clip (uniform).")
-    ] = 8,
+    frames: Annotated[int, typer.Option("--frames", "-t", min=1, help="Frames sampled per clip (uniform).")] = 8,
     image_size: Annotated[int, typer.Option("--image-size", min=1, help="Centre-crop side in px.")] = 224,
     ks: Annotated[list[int], typer.Option("--k", help="k-NN neighbours (repeat the option).")] = [10, 20],  # noqa: B006
     n_c: Annotated[int, typer.Option("--n-c", min=1, help="Logistic-regression C values in the sweep.")] = 45,
