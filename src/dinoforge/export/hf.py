@@ -2,6 +2,8 @@
 
 Exported folders use the hub key names (transformers 4.x: `attention.attention.query`, ...), which
 transformers 5.x renames on load; imports accept both those and the 5.x in-memory names (`q_proj`, ...).
+HF's Dinov2Model resizes position embeddings to an explicit size (no 0.1 offset), so for non-register
+models its features equal ours at the native resolution only; Dinov2WithRegistersModel matches everywhere.
 """
 
 from __future__ import annotations
