@@ -185,3 +185,15 @@ def test_seg_command_end_to_end(tmp_path: Path, monkeypatch):
     assert res.exit_code == 0, res.output
     m3 = json.loads((tmp_path / "o3" / "metrics.json").read_text())
     assert m3["scales"] == [1.0, 1.5] and m3["miou"] > 0.9
+
+
+def test_val_class_outside_the_train_classes_is_an_error(tmp_path: Path):
+    from dinoforge.eval.segmentation import run_seg_eval
+
+    make_seg_folder(tmp_path / "train", 4, 16, seed=0)
+    make_seg_folder(tmp_path / "val", 2, 16, seed=1)
+    mask = np.array(Image.open(tmp_path / "val" / "masks" / "im1.png"))
+    mask[5, 5] = 2
+    Image.fromarray(mask).save(tmp_path / "val" / "masks" / "im1.png")
+    with pytest.raises(DinoforgeError, match="im1.png"):
+        run_seg_eval(tiny_official_vit(), tmp_path / "train", tmp_path / "val", tmp_path / "out", size=16, epochs=1)

@@ -214,8 +214,6 @@ def train_dense_head(
         order = torch.randperm(len(features), generator=gen)
         for s in range(0, len(order), batch_size):
             idx = order[s : s + batch_size]
-            if len(idx) < 2 and len(order) > 1:  # BatchNorm needs more than one sample
-                continue
             f, t = features[idx].to(device).float(), targets[idx].to(device)
             loss = loss_fn(head(f, size=tuple(t.shape[-2:])), t)
             for g in opt.param_groups:
@@ -382,6 +380,12 @@ def save_previews(path: Path, rows: Sequence[tuple[Path, np.ndarray, np.ndarray]
     return save_figure(fig, path)
 
 
+def _max_id(mask: torch.Tensor) -> int:
+    """Largest class id in a mask, ignoring 255 (-1 when it holds none)."""
+    valid = mask[mask != IGNORE_INDEX]
+    return int(valid.max()) if valid.numel() else -1
+
+
 def _parse_scales(text: str) -> list[float]:
     try:
         scales = [float(s) for s in text.split(",") if s.strip()]
@@ -419,8 +423,7 @@ def run_seg_eval(
     val_pairs = list_pairs(val_data, "masks", (".png",))
     train_masks = [load_mask(m) for _, m in track(train_pairs, "train masks")]
     if num_classes is None:
-        valid = [m[m != IGNORE_INDEX] for m in train_masks]
-        num_classes = int(max(int(v.max()) if v.numel() else -1 for v in valid)) + 1
+        num_classes = max(_max_id(m) for m in train_masks) + 1
         if num_classes < 1:
             raise DinoforgeError("train masks hold no class ids other than 255 (ignore)")
     train_feats = extract_dense(
@@ -437,6 +440,11 @@ def run_seg_eval(
     target = torch.stack([resize_nearest(m, grid * backbone.patch_size) for m in train_masks])
     head = train_seg_probe(train_feats, target, num_classes, epochs=epochs, lr=lr, batch_size=batch_size, device=device)
     val_masks = [load_mask(m) for _, m in val_pairs]
+    too_high = [p.name for (_, p), m in zip(val_pairs, val_masks, strict=True) if _max_id(m) >= num_classes]
+    if too_high:
+        raise DinoforgeError(
+            f"val masks hold class ids >= {num_classes} (e.g. {too_high[0]}); set --num-classes to cover them"
+        )
     if list(scales) == [1.0] and not flip:
         val_feats = extract_dense(
             backbone,
