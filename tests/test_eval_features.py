@@ -137,3 +137,11 @@ def test_knn_and_logreg_commands_share_cache(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     assert len(calls) == 1
     assert "top1" in json.loads((tmp_path / "lr" / "metrics.json").read_text())
+
+
+def test_eval_transform_sizes():
+    tf, canvas = F.eval_transform_for("bundled:train", None, 14)
+    assert canvas == 42  # 32 px rounded up to the 14 px patch
+    tf, canvas = F.eval_transform_for("some/folder", 100, 14)
+    x = tf(Image.fromarray(np.zeros((90, 160, 3), dtype=np.uint8)))
+    assert canvas == 0 and x.shape == (3, 98, 98)
