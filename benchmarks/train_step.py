@@ -61,6 +61,7 @@ class Spec:
     device: str
     threads: int | None
     precision: str
+    import_lightly: bool
     overrides: list[str] = field(default_factory=list)
 
 
@@ -258,6 +259,10 @@ def measure(spec: Spec) -> dict:
     """Build one implementation, run warm-up then timed steps; return img/s, step times and peak memory."""
     from dinoforge.train.meta_arch import backbone_kwargs
 
+    if spec.import_lightly:  # both workers import both stacks, so their baselines are alike
+        import lightly.loss
+        import lightly.models.modules  # noqa: F401
+    rss_baseline = _rss_mb()
     if spec.threads:
         torch.set_num_threads(spec.threads)
     torch.manual_seed(0)
@@ -272,20 +277,19 @@ def measure(spec: Spec) -> dict:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
     cuda = device.type == "cuda"
 
-    def run(i: int) -> float:
-        t0 = time.perf_counter()
+    def run(i: int) -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
         with autocast:
             step(batches[i % len(batches)], teacher_temp=0.07, momentum=0.992)
         if cuda:
             torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     for i in range(spec.warmup):
         run(i)
-    rss_before = _rss_mb()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times = [run(i) for i in range(spec.steps)]
+    times, cpu_times = zip(*(run(i) for i in range(spec.steps)), strict=True)
     result = {
         "impl": spec.impl,
         "model": spec.model,
@@ -300,8 +304,10 @@ def measure(spec: Spec) -> dict:
         "warmup": spec.warmup,
         "img_per_s": spec.batch * spec.steps / sum(times),
         "step_ms_median": 1000 * statistics.median(times),
+        "cpu_s_per_step": sum(cpu_times) / spec.steps,  # process CPU time (all threads): less load-sensitive
         "peak_rss_mb": _rss_mb(),
-        "rss_after_warmup_mb": rss_before,
+        "rss_baseline_mb": rss_baseline,
+        "step_mem_mb": _rss_mb() - rss_baseline,
     }
     if cuda:
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -319,8 +325,8 @@ def main(
     batch: Annotated[
         int | None, typer.Option(help="images per step (default: the preset's: demo 64, vits14 16)")
     ] = None,
-    steps: Annotated[int, typer.Option(help="timed steps per implementation")] = 5,
-    warmup: Annotated[int, typer.Option(help="untimed warm-up steps per implementation (same for both)")] = 2,
+    steps: Annotated[int, typer.Option(help="timed steps per implementation")] = 3,
+    warmup: Annotated[int, typer.Option(help="untimed warm-up steps per implementation (same for both)")] = 1,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="torch.set_num_threads in each worker (default: torch's)")] = None,
     precision: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16")] = "auto",
@@ -355,7 +361,9 @@ def main(
             raise DinoforgeError("lightly is not installed: pip install 'lightly==1.6.0' (the `bench` extra)") from None
     dev = str(resolve_device(device))
     jobs = [
-        Spec(i, m, batch or PRESETS[m][1], steps, warmup, dev, threads, precision, list(set_ or []))
+        Spec(
+            i, m, batch or PRESETS[m][1], steps, warmup, dev, threads, precision, "lightly" in chosen, list(set_ or [])
+        )
         for m in names
         for _ in range(repeats)
         for i in chosen
