@@ -97,9 +97,7 @@ def extract_multilayer(
         with torch.inference_mode(), _autocast(dev):
             for groups in track(loader, desc, total=math.ceil(n / batch_size)):
                 for x, y, idx in groups:
-                    layers = model.get_intermediate_layers(
-                        x.to(dev), n=n_last_blocks, return_class_token=True
-                    )
+                    layers = model.get_intermediate_layers(x.to(dev), n=n_last_blocks, return_class_token=True)
                     cls_rows.append(torch.stack([c for _, c in layers], dim=1).float().cpu())
                     avg_rows.append(layers[-1][0].float().mean(dim=1).cpu())
                     labels.append(y)
@@ -133,9 +131,7 @@ def cached(
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{key}."))
     for name in ARRAYS:
         np.save(tmp / f"{name}.npy", feats[name])
-    (tmp / "meta.json").write_text(
-        json.dumps({"n_blocks": int(feats["cls"].shape[1]), "n": len(feats["labels"])})
-    )
+    (tmp / "meta.json").write_text(json.dumps({"n_blocks": int(feats["cls"].shape[1]), "n": len(feats["labels"])}))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     return feats
@@ -249,12 +245,8 @@ def path_list_features(
     for spec, paths in zip(specs, path_lists, strict=True):
         # keyed by the listed paths, not the manifest location, so another --out still hits the cache
         content = hashlib.sha256(Path(spec).read_bytes()).hexdigest()
-        feats = dataset_features(
-            net, fingerprint, spec, batch_size, image_size, use_cache, data_id=f"paths:{content}"
-        )
+        feats = dataset_features(net, fingerprint, spec, batch_size, image_size, use_cache, data_id=f"paths:{content}")
         if len(feats["indices"]) != len(paths):
-            raise DinoforgeError(
-                f"{len(paths) - len(feats['indices'])} unreadable image(s) in the retrieval set"
-            )
+            raise DinoforgeError(f"{len(paths) - len(feats['indices'])} unreadable image(s) in the retrieval set")
         result.append(feats["cls"][:, -1])
     return result

@@ -23,9 +23,7 @@ from dinoforge.utils import DinoforgeError, resolve_device, track, write_json
 DEFAULT_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
 
 
-def linear_input(
-    cls: torch.Tensor, patch_avg: torch.Tensor | None, n_blocks: int, avgpool: bool
-) -> torch.Tensor:
+def linear_input(cls: torch.Tensor, patch_avg: torch.Tensor | None, n_blocks: int, avgpool: bool) -> torch.Tensor:
     """Head input: CLS of the last `n_blocks` blocks (cls is N × blocks × D, last block last), + avgpool."""
     parts = [cls[:, -n_blocks:].flatten(1)]
     if avgpool:
@@ -41,9 +39,7 @@ def head_configs(
     """All (blocks, avgpool, lr) combinations that the extracted features support."""
     usable = [n for n in n_blocks if n <= available_blocks]
     if not usable:
-        raise DinoforgeError(
-            f"features hold {available_blocks} block(s); none of n_blocks={list(n_blocks)} fits"
-        )
+        raise DinoforgeError(f"features hold {available_blocks} block(s); none of n_blocks={list(n_blocks)} fits")
     return [{"n_blocks": n, "avgpool": a, "lr": lr} for n in usable for a in avgpool for lr in lrs]
 
 
@@ -110,10 +106,7 @@ def linear_probe(
     layouts = sorted({lay for _, lay in heads})
     scale = batch_size / 256
     opt = torch.optim.SGD(
-        [
-            {"params": h.parameters(), "lr": cfg["lr"] * scale}
-            for (h, _), cfg in zip(heads, configs, strict=True)
-        ],
+        [{"params": h.parameters(), "lr": cfg["lr"] * scale} for (h, _), cfg in zip(heads, configs, strict=True)],
         momentum=0.9,
         weight_decay=0.0,
     )
@@ -141,8 +134,7 @@ def linear_probe(
         "best": dict(configs[best], val_top1=val_acc[best], top1=test_acc[best]),
         "top1": test_acc[best],
         "heads": {
-            _head_name(cfg): dict(cfg, val_top1=v, top1=t)
-            for cfg, v, t in zip(configs, val_acc, test_acc, strict=True)
+            _head_name(cfg): dict(cfg, val_top1=v, top1=t) for cfg, v, t in zip(configs, val_acc, test_acc, strict=True)
         },
     }
 
@@ -155,9 +147,7 @@ def linear_command(
     out: OutOpt = Path("runs/eval_linear"),
     epochs: int = typer.Option(10, "--epochs", min=1, help="Passes over the cached train features."),
     head_batch_size: int = typer.Option(256, "--head-batch-size", min=1, help="Features per SGD step."),
-    lrs: list[float] = typer.Option(
-        list(DEFAULT_LRS), "--lr", help="Learning-rate grid (repeat the option)."
-    ),
+    lrs: list[float] = typer.Option(list(DEFAULT_LRS), "--lr", help="Learning-rate grid (repeat the option)."),
     image_size: ImageSizeOpt = None,
     batch_size: BatchOpt = 64,
     device: DeviceOpt = "auto",

@@ -142,9 +142,7 @@ def logreg_command(
 
     Writes metrics.json into --out and prints the folder.
     """
-    tr, te = features_from_opts(
-        model, weights, [train_data, val_data], out, batch_size, device, image_size, cache
-    )
+    tr, te = features_from_opts(model, weights, [train_data, val_data], out, batch_size, device, image_size, cache)
     metrics = logreg_evaluate(
         torch.from_numpy(tr["cls"][:, -1]),
         torch.from_numpy(tr["labels"]),
