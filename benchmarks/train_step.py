@@ -2,8 +2,9 @@
 
 One step = teacher forward, student forward + backward (DINO + iBOT + KoLeo), gradient clipping, AdamW step and
 EMA teacher update, on identical pre-collated batches (same crops, same block masks) for both implementations.
-Each measurement runs in its own spawned process so its peak memory is its own. Prints one JSON line per
-measurement, then one ratio line (dinoforge img/s ÷ lightly img/s) per model.
+Each implementation runs in its own spawned process (so its peak memory is its own) and the parent alternates
+their steps (so both see the same machine load). Prints one JSON line per measurement, then one ratio line
+(dinoforge img/s ÷ lightly img/s) per model.
 
     python benchmarks/train_step.py                          # demo + ViT-S/14 (reduced crops), CPU
     python benchmarks/train_step.py --device cuda --models vits14 --batch 64
@@ -255,8 +256,12 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(spec: Spec) -> dict:
-    """Build one implementation, run warm-up then timed steps; return img/s, step times and peak memory."""
+def _worker(spec: Spec, conn) -> None:
+    """One implementation in its own process: build, then run a step per "step" message and answer its times.
+
+    Steps of the two implementations are alternated by the parent, so both see the same machine load; a
+    separate process per implementation keeps each one's peak memory its own. "done" answers the summary.
+    """
     from dinoforge.train.meta_arch import backbone_kwargs
 
     if spec.import_lightly:  # both workers import both stacks, so their baselines are alike
@@ -274,22 +279,21 @@ def measure(spec: Spec) -> dict:
         batches = [step.prepare(b) for b in batches]
     batches = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()} for b in batches]
     amp = spec.precision == "bf16" or (spec.precision == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
     cuda = device.type == "cuda"
-
-    def run(i: int) -> tuple[float, float]:
+    conn.send("ready")
+    i = 0
+    while (msg := conn.recv()) != "done":
+        if msg == "reset_peak" and cuda:
+            torch.cuda.reset_peak_memory_stats()
+        if msg != "step":
+            continue
         t0, c0 = time.perf_counter(), time.process_time()
-        with autocast:
+        with torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext():
             step(batches[i % len(batches)], teacher_temp=0.07, momentum=0.992)
         if cuda:
             torch.cuda.synchronize()
-        return time.perf_counter() - t0, time.process_time() - c0
-
-    for i in range(spec.warmup):
-        run(i)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    times, cpu_times = zip(*(run(i) for i in range(spec.steps)), strict=True)
+        conn.send((time.perf_counter() - t0, time.process_time() - c0))
+        i += 1
     result = {
         "impl": spec.impl,
         "model": spec.model,
@@ -300,24 +304,60 @@ def measure(spec: Spec) -> dict:
         "crops": f"2x{cfg.crops.global_crops_size}+{cfg.crops.local_crops_number}x{cfg.crops.local_crops_size}",
         "arch": "embed{embed_dim} depth{depth} heads{num_heads} patch{patch_size}".format(**backbone_kwargs(cfg)),
         "prototypes": int(cfg.dino.head_n_prototypes),
-        "steps": spec.steps,
-        "warmup": spec.warmup,
-        "img_per_s": spec.batch * spec.steps / sum(times),
-        "step_ms_median": 1000 * statistics.median(times),
-        "cpu_s_per_step": sum(cpu_times) / spec.steps,  # process CPU time (all threads): less load-sensitive
         "peak_rss_mb": _rss_mb(),
         "rss_baseline_mb": rss_baseline,
         "step_mem_mb": _rss_mb() - rss_baseline,
     }
     if cuda:
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    return result
+    conn.send(result)
 
 
-def _in_child(spec: Spec) -> dict:
+def measure_pair(specs: list[Spec]) -> list[dict]:
+    """Run the implementations' workers side by side; warm-up and timed steps alternate (order flipped each step)."""
     ctx = mp.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        return pool.apply(measure, (spec,))
+    conns, procs = [], []
+    for spec in specs:
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_worker, args=(spec, child), daemon=True)
+        proc.start()
+        conns.append(parent)
+        procs.append(proc)
+    try:
+        for c in conns:
+            c.recv()  # "ready"
+        times: list[list[tuple[float, float]]] = [[] for _ in specs]
+        n_warm, n_steps = specs[0].warmup, specs[0].steps
+        for k in range(n_warm + n_steps):
+            if k == n_warm:
+                for c in conns:
+                    c.send("reset_peak")
+            order = range(len(specs)) if k % 2 == 0 else reversed(range(len(specs)))
+            for j in order:
+                conns[j].send("step")
+                t = conns[j].recv()
+                if k >= n_warm:
+                    times[j].append(t)
+        results = []
+        for spec, c, t in zip(specs, conns, times, strict=True):
+            c.send("done")
+            r = c.recv()
+            wall = [w for w, _ in t]
+            r.update(
+                steps=n_steps,
+                warmup=n_warm,
+                img_per_s=spec.batch * n_steps / sum(wall),
+                img_per_s_median=spec.batch / statistics.median(wall),
+                step_ms_median=1000 * statistics.median(wall),
+                cpu_s_per_step=sum(c for _, c in t) / n_steps,  # process CPU time, all threads
+            )
+            results.append(r)
+        return results
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
 
 
 def main(
@@ -330,7 +370,6 @@ def main(
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="torch.set_num_threads in each worker (default: torch's)")] = None,
     precision: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16")] = "auto",
-    repeats: Annotated[int, typer.Option(help="run each dinoforge/lightly pair N times, alternating; best kept")] = 1,
     impls: Annotated[
         str, typer.Option(help="comma-separated implementations to run: dinoforge, lightly")
     ] = "dinoforge,lightly",
@@ -352,41 +391,45 @@ def main(
         raise DinoforgeError(f"--impls must list some of {', '.join(IMPLS)}, got {impls!r}")
     if precision not in ("auto", "fp32", "bf16"):
         raise DinoforgeError(f"--precision must be auto, fp32 or bf16, got {precision!r}")
-    if steps < 1 or warmup < 0 or repeats < 1:
-        raise DinoforgeError("--steps and --repeats must be >= 1 and --warmup >= 0")
+    if steps < 1 or warmup < 0:
+        raise DinoforgeError("--steps must be >= 1 and --warmup >= 0")
     if "lightly" in chosen:
         try:
             import lightly  # noqa: F401
         except ImportError:
             raise DinoforgeError("lightly is not installed: pip install 'lightly==1.6.0' (the `bench` extra)") from None
     dev = str(resolve_device(device))
-    jobs = [
-        Spec(
-            i, m, batch or PRESETS[m][1], steps, warmup, dev, threads, precision, "lightly" in chosen, list(set_ or [])
-        )
-        for m in names
-        for _ in range(repeats)
-        for i in chosen
-    ]
-    best: dict[tuple[str, str], dict] = {}
-    results = []
-    for spec in track(jobs, description="train-step benchmark"):
-        r = _in_child(spec)
-        print(json.dumps(r), flush=True)
-        results.append(r)
-        key = (r["impl"], r["model"])
-        if key not in best or r["img_per_s"] > best[key]["img_per_s"]:
-            best[key] = r
-    ratios = []
-    for m in names:
-        if ("dinoforge", m) in best and ("lightly", m) in best:
-            d, lt = best[("dinoforge", m)], best[("lightly", m)]
+    results, ratios = [], []
+    for m in track(names, description="train-step benchmark"):
+        specs = [
+            Spec(
+                i,
+                m,
+                batch or PRESETS[m][1],
+                steps,
+                warmup,
+                dev,
+                threads,
+                precision,
+                "lightly" in chosen,
+                list(set_ or []),
+            )
+            for i in chosen
+        ]
+        got = {r["impl"]: r for r in measure_pair(specs)}
+        for r in got.values():
+            print(json.dumps(r), flush=True)
+            results.append(r)
+        if len(got) == 2:
+            d, lt = got["dinoforge"], got["lightly"]
             line = {
                 "ratio": "dinoforge/lightly img_per_s",
                 "model": m,
                 "batch": d["batch"],
                 "device": d["device"],
                 "value": d["img_per_s"] / lt["img_per_s"],
+                "value_median": d["img_per_s_median"] / lt["img_per_s_median"],
+                "cpu_time_ratio": lt["cpu_s_per_step"] / d["cpu_s_per_step"],
                 "peak_rss_ratio": d["peak_rss_mb"] / lt["peak_rss_mb"],
                 "target": 1.5,
             }
