@@ -253,3 +253,34 @@ def knn_command(
     for name, val in metrics["full"].items():
         print(f"{name}: top1 {val['top1']:.2f}  top5 {val['top5']:.2f}")
     print(out)
+
+
+def backbone_knn_top1(
+    backbone: torch.nn.Module,
+    train_spec: str = "bundled:train",
+    val_spec: str = "bundled:val",
+    k: int = 20,
+    T: float = 0.07,
+    batch_size: int = 256,
+) -> dict[str, float]:
+    """k-NN top-1 (%) of a backbone, train → val, on CLS features ("cls") and on CLS ⊕ mean patch token, each
+    L2-normalised ("cls+avgpool"), from one feature pass. Used by the demo and by periodic evaluation."""
+    from dinoforge.eval.features import dataset_features
+
+    tr, va = (
+        dataset_features(backbone, "", spec, batch_size, None, use_cache=False, split=split)
+        for spec, split in ((train_spec, "train"), (val_spec, "val"))
+    )
+    out = {}
+    for name in ("cls", "cls+avgpool"):
+        x_tr, x_va = (F.normalize(torch.from_numpy(f["cls"][:, -1]).float(), dim=-1) for f in (tr, va))
+        if name == "cls+avgpool":
+            x_tr, x_va = (
+                torch.cat([x, F.normalize(torch.from_numpy(f["patch_avg"]).float(), dim=-1)], dim=1)
+                for x, f in ((x_tr, tr), (x_va, va))
+            )
+        res = knn_evaluate(
+            x_tr, torch.from_numpy(tr["labels"]).long(), x_va, torch.from_numpy(va["labels"]).long(), (k,), T
+        )
+        out[name] = res["full"][f"k={k}"]["top1"]
+    return out

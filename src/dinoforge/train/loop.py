@@ -344,15 +344,10 @@ def _periodic_eval(cfg, model, it: int, output_dir: Path, sharded: bool, main: b
     eval_dir = output_dir / "eval" / f"training_{it}"
     path = export_teacher(state, model.arch, eval_dir / "teacher_backbone.safetensors", model.export_prefix)
     if cfg.evaluation.knn_train_data and cfg.evaluation.knn_val_data:
-        from dinoforge.eval.knn import knn_eval_backbone
+        from dinoforge.eval.knn import backbone_knn_top1
 
         backbone = load_backbone(str(path), device=str(device))
-        metrics = knn_eval_backbone(
-            backbone,
-            cfg.evaluation.knn_train_data,
-            cfg.evaluation.knn_val_data,
-            ks=(cfg.evaluation.knn_k,),
-            device=str(device),
-        )
-        write_json(eval_dir / "knn.json", metrics)
-        log.log(it, {f"knn_{k}": v for k, v in metrics.items() if isinstance(v, float)})
+        e = cfg.evaluation
+        top1 = backbone_knn_top1(backbone, e.knn_train_data, e.knn_val_data, k=e.knn_k)
+        write_json(eval_dir / "knn.json", {"iteration": it, "k": e.knn_k, "top1": top1})
+        log.log(it, {f"knn_top1_{name}": v for name, v in top1.items()})
