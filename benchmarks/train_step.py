@@ -20,6 +20,7 @@ import resource
 import statistics
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,22 +117,13 @@ class DinoforgeStep:
     """dinoforge's training step, as in train/loop.py: forward_backward, clip, AdamW, update_teacher."""
 
     def __init__(self, cfg, device: torch.device):
+        from dinoforge.train.loop import _param_groups  # the loop's own groups, so the benchmark follows it
         from dinoforge.train.meta_arch import SSLMetaArch
-        from dinoforge.train.param_groups import (
-            apply_optim_scheduler,
-            fuse_params_groups,
-            get_params_groups_with_decay,
-        )
+        from dinoforge.train.param_groups import apply_optim_scheduler
 
         self.cfg = cfg
         self.model = SSLMetaArch(cfg).to(device).train()
-        groups = []
-        for m in self.model.student.values():
-            groups += fuse_params_groups(
-                get_params_groups_with_decay(
-                    m, lr_decay_rate=cfg.optim.layerwise_decay, patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult
-                )
-            )
+        groups = _param_groups(cfg, self.model)
         self.opt = torch.optim.AdamW(groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
         apply_optim_scheduler(self.opt, 1e-4, cfg.optim.weight_decay, 1e-4)
 
@@ -175,6 +167,7 @@ class LightlyStep:
         backbone = MaskedVisionTransformerTIMM(vit=vit, antialias=False, pos_embed_initialization="skip")
 
         def head(c) -> DINOv2ProjectionHead:
+            warnings.filterwarnings("ignore", "`torch.nn.utils.weight_norm` is deprecated", FutureWarning)
             return DINOv2ProjectionHead(
                 input_dim=arch["embed_dim"],
                 hidden_dim=c.head_hidden_dim,
