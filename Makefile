@@ -27,10 +27,11 @@ demo: install
 	$(BIN)/dinoforge demo
 
 test: install-test
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/python -m pytest -q -n 2 --durations=15 $(PYTEST_ARGS)
 
 test-fast: install-test
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 -m "not slow" $(PYTEST_ARGS)
 
 lint: install-test
 	$(BIN)/ruff check src tests benchmarks scripts
