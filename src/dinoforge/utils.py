@@ -38,7 +38,8 @@ def track(iterable: Iterable[T], description: str, total: int | None = None) -> 
     yield from rich_track(iterable, description=description, total=total, console=Console(stderr=True), transient=False)
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Call write(binary file) on a temp file in path's folder, fsync, then rename over path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -57,7 +58,7 @@ def _atomic_write(path: Path, write) -> None:
 def write_json(path: str | Path, obj: Any) -> Path:
     """Write JSON atomically (temp file + rename) and return the path."""
     data = json.dumps(obj, indent=2, sort_keys=False, default=_json_default).encode()
-    _atomic_write(Path(path), lambda f: f.write(data + b"\n"))
+    atomic_write(Path(path), lambda f: f.write(data + b"\n"))
     return Path(path)
 
 
@@ -71,7 +72,7 @@ def _json_default(o: Any) -> Any:
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """torch.save to a temp file in the same folder, then rename: a crash never leaves a half file."""
-    _atomic_write(Path(path), lambda f: torch.save(obj, f))
+    atomic_write(Path(path), lambda f: torch.save(obj, f))
     return Path(path)
 
 

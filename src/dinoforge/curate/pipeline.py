@@ -18,7 +18,7 @@ from dinoforge.curate.kmeans import Hierarchy, hierarchical_kmeans
 from dinoforge.curate.retrieve import retrieve
 from dinoforge.curate.sample import balanced_sample, size_entropy
 from dinoforge.curate.store import EmbeddingStore, take_rows
-from dinoforge.utils import DinoforgeError, _atomic_write, eprint, write_json
+from dinoforge.utils import DinoforgeError, atomic_write, eprint, write_json
 
 DEFAULTS: dict[str, Any] = {
     "pool": None,
@@ -67,7 +67,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def write_manifest(path: str | Path, records: list[dict[str, Any]]) -> Path:
     """Write one JSON object per line (atomic): the format FileListDataset reads."""
     data = "".join(json.dumps(r) + "\n" for r in records).encode()
-    _atomic_write(Path(path), lambda f: f.write(data))
+    atomic_write(Path(path), lambda f: f.write(data))
     return Path(path)
 
 
