@@ -117,14 +117,13 @@ class DinoforgeStep:
     """dinoforge's training step, as in train/loop.py: forward_backward, clip, AdamW, update_teacher."""
 
     def __init__(self, cfg, device: torch.device):
-        from dinoforge.train.loop import _param_groups  # the loop's own groups, so the benchmark follows it
+        from dinoforge.train.loop import build_optimizer  # the loop's own optimizer, so the benchmark follows it
         from dinoforge.train.meta_arch import SSLMetaArch
         from dinoforge.train.param_groups import apply_optim_scheduler
 
         self.cfg = cfg
         self.model = SSLMetaArch(cfg).to(device).train()
-        groups = _param_groups(cfg, self.model)
-        self.opt = torch.optim.AdamW(groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
+        self.opt = build_optimizer(cfg, self.model)
         apply_optim_scheduler(self.opt, 1e-4, cfg.optim.weight_decay, 1e-4)
 
     def __call__(self, batch: dict, teacher_temp: float, momentum: float) -> None:

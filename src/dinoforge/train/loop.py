@@ -106,7 +106,10 @@ def _build_loader(cfg: DictConfig, data: str, start_iter: int, world: int, rank:
     )
 
 
-def _param_groups(cfg: DictConfig, model: SSLMetaArch) -> list[dict]:
+def build_optimizer(cfg: DictConfig, model: SSLMetaArch, fused: bool = True) -> torch.optim.AdamW:
+    """AdamW over the student's fused param groups (layer-wise lr decay, no wd on bias/norm/LayerScale).
+
+    The fused kernel (CPU and CUDA) is several times faster than the default for-each implementation."""
     groups = []
     for m in model.student.values():
         groups += fuse_params_groups(
@@ -114,7 +117,7 @@ def _param_groups(cfg: DictConfig, model: SSLMetaArch) -> list[dict]:
                 m, lr_decay_rate=cfg.optim.layerwise_decay, patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult
             )
         )
-    return groups
+    return torch.optim.AdamW(groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), fused=fused)
 
 
 def _model_state(model: SSLMetaArch, sharded: bool) -> dict:
@@ -221,7 +224,6 @@ def train(
     if cfg.student.pretrained_weights:
         model.load_pretrained_backbone(load_backbone(cfg.student.pretrained_weights))
     model.to(device).train()
-    optimizer = torch.optim.AdamW(_param_groups(cfg, model), betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
     epoch_len = cfg.train.OFFICIAL_EPOCH_LENGTH
     max_iter = cfg.optim.epochs * epoch_len
     ckpt_period = cfg.train.checkpoint_period_iterations or 3 * epoch_len
@@ -231,6 +233,7 @@ def train(
         dist_utils.fully_shard_model(model, _autocast_dtype(cfg, device))
     else:
         dist_utils.broadcast_module(model)
+    optimizer = build_optimizer(cfg, model, fused=not sharded)  # after sharding: FSDP2 swaps the parameters
 
     start_iter, last_ckpt = 0, None
     existing = list_checkpoints(ckpt_dir)
