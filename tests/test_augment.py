@@ -110,3 +110,22 @@ def test_tiny_crops_and_grayscale_input():
         out = aug(img)
         assert out["local_crops"][0].shape == (3, 4, 4)
         assert all(torch.isfinite(t).all() for t in out["global_crops"] + out["local_crops"])
+
+
+def test_blur_sigma_scale(monkeypatch):
+    """blur_sigma_scale multiplies the sigma range (0.1, 2.0) of every blur."""
+    sigmas = []
+    blur = TF.gaussian_blur
+
+    def recording_blur(img, kernel_size, sigma):
+        sigmas.append(sigma[0])
+        return blur(img, kernel_size, sigma)
+
+    monkeypatch.setattr(TF, "gaussian_blur", recording_blur)
+    augment = DataAugmentationDINO(
+        local_crops_number=2, global_crops_size=32, local_crops_size=16, blur_sigma_scale=0.1
+    )
+    for _ in range(40):
+        augment(_image())
+    assert sigmas and 0.01 <= min(sigmas) and max(sigmas) <= 0.2
+    assert max(sigmas) > 0.1  # the scaled range is used, not a constant

@@ -40,7 +40,8 @@ class DataAugmentationDINO:
     Random-resized crops (bicubic) and flips, colour jitter (0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale p 0.2,
     Gaussian blur with p 1.0 / 0.1 / 0.5 on global crop 1 / global crop 2 / local crops (the paper's
     intention), solarize p 0.2 on global crop 2, ImageNet normalisation. `official_blur=True` reproduces the
-    official code, whose blur applies with 1 − p (effective 0.0 / 0.9 / 0.5).
+    official code, whose blur applies with 1 − p (effective 0.0 / 0.9 / 0.5). `blur_sigma_scale` multiplies the
+    blur's sigma range (0.1, 2.0), which is meant for 224 px crops (e.g. 32/224 for 32 px images).
     """
 
     def __init__(
@@ -51,6 +52,7 @@ class DataAugmentationDINO:
         global_crops_size: int = 224,
         local_crops_size: int = 96,
         official_blur: bool = False,
+        blur_sigma_scale: float = 1.0,
     ) -> None:
         self.local_crops_number = local_crops_number
         self.official_blur = official_blur
@@ -64,7 +66,9 @@ class DataAugmentationDINO:
             )
 
         def blur(p: float) -> RandomGaussianBlur:
-            return RandomGaussianBlur(p=1.0 - p if official_blur else p)
+            return RandomGaussianBlur(
+                p=1.0 - p if official_blur else p, radius_min=0.1 * blur_sigma_scale, radius_max=2.0 * blur_sigma_scale
+            )
 
         self.geometric_global = geometric(global_crops_size, global_crops_scale)
         self.geometric_local = geometric(local_crops_size, local_crops_scale)

@@ -84,6 +84,7 @@ def _build_loader(cfg: DictConfig, data: str, start_iter: int, world: int, rank:
         global_crops_size=g,
         local_crops_size=cfg.crops.local_crops_size,
         official_blur=cfg.crops.official_blur,
+        blur_sigma_scale=cfg.crops.blur_sigma_scale,
     )
     collate = partial(
         collate_data_and_cast,
