@@ -270,7 +270,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, out: str, overrides: list[str]) -> None:
+def _worker(rank: int, world: int, port: int, out: str, overrides: list[str], resume: bool = False) -> None:
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world),
@@ -282,35 +282,51 @@ def _worker(rank: int, world: int, port: int, out: str, overrides: list[str]) ->
     torch.set_num_threads(1)
     from dinoforge.train import distributed, loop
 
-    loop.train(load_config("demo", overrides), Path(out), data="bundled:train", quiet=True)
+    loop.train(load_config("demo", overrides), Path(out), data="bundled:train", resume=resume, quiet=True)
     distributed.shutdown()
 
 
-def test_two_processes_match_one_process(tmp_path):
-    """Same global batch (8) as 1×8 and 2×4 over gloo: identical losses and teacher (iBOT masks and KoLeo are
-    per-process batch statistics by design, so they are switched off here)."""
+def _spawn(world: int, out: Path, overrides: list[str], resume: bool = False) -> None:
     import torch.multiprocessing as mp
+
+    mp.start_processes(
+        _worker, args=(world, _free_port(), str(out), overrides, resume), nprocs=world, start_method="spawn"
+    )
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one_process(tmp_path, mode):
+    """Same global batch (8) as 1×8 and 2×4 over gloo, with data-parallel gradient averaging or FSDP2 sharding:
+    identical losses and teacher (iBOT masks and KoLeo are per-process batch statistics by design, so they are
+    switched off here). Under FSDP2, resuming from the sharded run's gathered checkpoint is exact as well."""
+    from dinoforge.models.weights import load_backbone
 
     common = TINY + [
         "ibot.loss_weight=0",
         "dino.koleo_loss_weight=0",
         "train.centering=sinkhorn_knopp",
         "optim.epochs=1",
+        f"train.distributed={mode}",
     ]
-    one = common + ["train.batch_size_per_gpu=8"]
     two = common + ["train.batch_size_per_gpu=4"]
-    mp.start_processes(_worker, args=(1, _free_port(), str(tmp_path / "one"), one), nprocs=1, start_method="spawn")
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path / "two"), two), nprocs=2, start_method="spawn")
+    _spawn(1, tmp_path / "one", common + ["train.batch_size_per_gpu=8"])
+    _spawn(2, tmp_path / "two", two)
     a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert len(a) == len(b) == 4
     for ra, rb in zip(a, b, strict=True):
         assert float(rb["total_loss"]) == pytest.approx(float(ra["total_loss"]), rel=1e-4)
         assert float(rb["lr"]) == pytest.approx(float(ra["lr"]))  # sqrt scaling uses the global batch
-    from dinoforge.models.weights import load_backbone
-
     ta = load_backbone(tmp_path / "one" / "teacher_backbone.safetensors").state_dict()
     tb = load_backbone(tmp_path / "two" / "teacher_backbone.safetensors").state_dict()
     assert max((ta[k] - tb[k]).abs().max().item() for k in ta) < 1e-4
+    if mode == "fsdp":  # drop the last checkpoint and resume from the one of iteration 1
+        (tmp_path / "two" / "checkpoints" / "model_0000003.pth").unlink()
+        (tmp_path / "two" / "teacher_backbone.safetensors").unlink()
+        _spawn(2, tmp_path / "two", two, resume=True)
+        c = read_metrics(tmp_path / "two")
+        assert [float(r["total_loss"]) for r in c] == pytest.approx([float(r["total_loss"]) for r in b], rel=1e-6)
+        tc = load_backbone(tmp_path / "two" / "teacher_backbone.safetensors").state_dict()
+        assert max((tb[k] - tc[k]).abs().max().item() for k in tb) < 1e-6
 
 
 def test_cli_bad_key_is_one_line(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -84,9 +85,12 @@ def broadcast_module(module: nn.Module) -> None:
 
 
 def fully_shard_model(model: nn.Module, param_dtype: torch.dtype | None = None) -> None:
-    """FSDP2: shard every transformer block, then each student/teacher submodule (teacher sharded alike)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    """FSDP2: shard every transformer block, then each student/teacher submodule (teacher sharded alike).
+    Backbones are called through `forward_features`, so that method gets FSDP's unshard/reshard hooks too."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+    # forward_features returns views (CLS = x_norm[:, 0]); the meta-architecture uses them out of place only
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
     kwargs = {"mp_policy": mp} if mp is not None else {}
     for side in (model.student, model.teacher):
@@ -95,3 +99,16 @@ def fully_shard_model(model: nn.Module, param_dtype: torch.dtype | None = None) 
                 for block in sub.blocks:
                     fully_shard(block, **kwargs)
             fully_shard(sub, **kwargs)
+            if name == "backbone":
+                register_fsdp_forward_method(sub, "forward_features")
+
+
+def reshard(module: nn.Module) -> None:
+    """Free the gathered parameters of every FSDP2 unit in `module` (FSDP2 keeps a root unit's parameters gathered
+    after a forward that is followed by no backward, e.g. the teacher's); no-op for unsharded modules."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+

@@ -13,6 +13,7 @@ from torch import nn
 from dinoforge.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinoforge.models.heads import DINOHead
 from dinoforge.models.vision_transformer import DinoVisionTransformer
+from dinoforge.train.distributed import reshard
 
 ARCH_PRESETS = {
     "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
@@ -222,6 +223,7 @@ class SSLMetaArch(nn.Module):
     def update_teacher(self, momentum: float) -> None:
         """EMA: teacher (student_ema when distilling) ← m·ema + (1−m)·student, over every parameter."""
         ema = self.student_ema if self.distill else self.teacher
+        reshard(ema)  # both sides must hold their shards, not the gathered parameters
         t_params, s_params = [], []
         for k in self.student:
             for pt, ps in zip(ema[k].parameters(), self.student[k].parameters(), strict=True):
