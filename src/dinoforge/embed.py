@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -45,6 +46,35 @@ def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=dtype)
 
 
+@contextlib.contextmanager
+def frozen(model: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    """`model` on `device` in eval mode, under inference mode (and autocast on CUDA); its mode restored after."""
+    was_training = model.training
+    model.to(device).eval()
+    try:
+        with torch.inference_mode(), _autocast(device):
+            yield
+    finally:
+        model.train(was_training)
+
+
+def image_batches(
+    dataset: Dataset, batch_size: int, desc: str, num_workers: int = 0, pin_memory: bool = False
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(images, labels, dataset indices) over a dataset of `(tensor, label, index)` items in order, with a
+    progress bar; corrupt items (None) dropped, images of different shapes in separate groups."""
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_collate_by_shape,
+        pin_memory=pin_memory,
+    )
+    for groups in track(loader, desc, total=math.ceil(len(dataset) / batch_size)):
+        yield from groups
+
+
 def extract_features(
     model: torch.nn.Module,
     dataset: Dataset,
@@ -60,44 +90,30 @@ def extract_features(
     (dataset indices kept, in order), "skipped" (indices of corrupt items) and "skipped_names"."""
     dev = resolve_device(str(device)) if not isinstance(device, torch.device) else device
     n = len(dataset)
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=_collate_by_shape,
-        pin_memory=dev.type == "cuda",
-    )
     cls = patch = None
     labels = np.empty(n, dtype=np.int64)
     indices = np.empty(n, dtype=np.int64)
     k = 0
-    was_training = model.training
-    model.to(dev).eval()
-    try:
-        with torch.inference_mode(), _autocast(dev):
-            for groups in track(loader, desc, total=math.ceil(n / batch_size)):
-                for x, y, idx in groups:
-                    out = model.forward_features(x.to(dev, non_blocking=True))
-                    c = out["x_norm_clstoken"].float().cpu().numpy()
-                    if cls is None:
-                        cls = np.empty((n, c.shape[1]), dtype=np.float32)
-                    cls[k : k + len(c)] = c
-                    if patch_tokens:
-                        p = out["x_norm_patchtokens"].float().cpu().numpy()
-                        if patch is None:
-                            patch = np.empty((n, *p.shape[1:]), dtype=np.float32)
-                        elif p.shape[1:] != patch.shape[1:]:
-                            raise DinoforgeError(
-                                f"patch tokens need equal token grids, got {p.shape[1]} and {patch.shape[1]} "
-                                "patches; use a fixed-size transform (centre crop)"
-                            )
-                        patch[k : k + len(p)] = p
-                    labels[k : k + len(c)] = y.numpy()
-                    indices[k : k + len(c)] = idx.numpy()
-                    k += len(c)
-    finally:
-        model.train(was_training)
+    with frozen(model, dev):
+        for x, y, idx in image_batches(dataset, batch_size, desc, num_workers, pin_memory=dev.type == "cuda"):
+            out = model.forward_features(x.to(dev, non_blocking=True))
+            c = out["x_norm_clstoken"].float().cpu().numpy()
+            if cls is None:
+                cls = np.empty((n, c.shape[1]), dtype=np.float32)
+            cls[k : k + len(c)] = c
+            if patch_tokens:
+                p = out["x_norm_patchtokens"].float().cpu().numpy()
+                if patch is None:
+                    patch = np.empty((n, *p.shape[1:]), dtype=np.float32)
+                elif p.shape[1:] != patch.shape[1:]:
+                    raise DinoforgeError(
+                        f"patch tokens need equal token grids, got {p.shape[1]} and {patch.shape[1]} "
+                        "patches; use a fixed-size transform (centre crop)"
+                    )
+                patch[k : k + len(p)] = p
+            labels[k : k + len(c)] = y.numpy()
+            indices[k : k + len(c)] = idx.numpy()
+            k += len(c)
     if cls is None:
         raise DinoforgeError(f"no readable image among the {n} items of the dataset")
     order = np.argsort(indices[:k], kind="stable")

@@ -23,10 +23,10 @@ from typing import Annotated, Any
 import numpy as np
 import torch
 import typer
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from dinoforge.embed import _autocast, _collate_by_shape
-from dinoforge.utils import DinoforgeError, resolve_device, track
+from dinoforge.embed import frozen, image_batches
+from dinoforge.utils import DinoforgeError, resolve_device
 
 ARRAYS = ("cls", "patch_avg", "labels", "indices")
 
@@ -89,21 +89,14 @@ def extract_multilayer(
     dev = device if isinstance(device, torch.device) else resolve_device(str(device))
     n = len(dataset)
     n_last_blocks = min(n_last_blocks, int(getattr(model, "n_blocks", n_last_blocks)))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_collate_by_shape)
     cls_rows, avg_rows, labels, indices = [], [], [], []
-    was_training = model.training
-    model.to(dev).eval()
-    try:
-        with torch.inference_mode(), _autocast(dev):
-            for groups in track(loader, desc, total=math.ceil(n / batch_size)):
-                for x, y, idx in groups:
-                    layers = model.get_intermediate_layers(x.to(dev), n=n_last_blocks, return_class_token=True)
-                    cls_rows.append(torch.stack([c for _, c in layers], dim=1).float().cpu())
-                    avg_rows.append(layers[-1][0].float().mean(dim=1).cpu())
-                    labels.append(y)
-                    indices.append(idx)
-    finally:
-        model.train(was_training)
+    with frozen(model, dev):
+        for x, y, idx in image_batches(dataset, batch_size, desc):
+            layers = model.get_intermediate_layers(x.to(dev), n=n_last_blocks, return_class_token=True)
+            cls_rows.append(torch.stack([c for _, c in layers], dim=1).float().cpu())
+            avg_rows.append(layers[-1][0].float().mean(dim=1).cpu())
+            labels.append(y)
+            indices.append(idx)
     if not cls_rows:
         raise DinoforgeError(f"no readable image among the {n} items of the dataset")
     order = torch.cat(indices).argsort(stable=True)
