@@ -386,6 +386,7 @@ def test_training_improves_knn_over_random_init(tmp_path):
     trained = load_backbone(summary["teacher"])
     torch.manual_seed(0)
     random_init = build_backbone(trained.arch)
-    acc_trained = backbone_knn_top1(trained)["cls+avgpool"]
-    acc_random = backbone_knn_top1(random_init)["cls+avgpool"]
+    size = cfg.crops.global_crops_size
+    acc_trained = backbone_knn_top1(trained, image_size=size)["cls+avgpool"]
+    acc_random = backbone_knn_top1(random_init, image_size=size)["cls+avgpool"]
     assert acc_trained > acc_random + 3.0, (acc_trained, acc_random)

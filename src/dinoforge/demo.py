@@ -50,8 +50,9 @@ def run_demo(output_dir: Path, overrides: list[str]) -> dict:
     trained = load_backbone(summary_train["teacher"])
     torch.manual_seed(cfg.train.seed)
     random_init = build_backbone(trained.arch)
-    knn_trained = backbone_knn_top1(trained, k=KNN_K)
-    knn_random = backbone_knn_top1(random_init, k=KNN_K)
+    # evaluated at the global crop size, the resolution the model was trained at (as official: 224 px)
+    knn_trained = backbone_knn_top1(trained, k=KNN_K, image_size=size)
+    knn_random = backbone_knn_top1(random_init, k=KNN_K, image_size=size)
     acc_trained, acc_random = knn_trained[FEATURES] / 100, knn_random[FEATURES] / 100
     acc_pixels = raw_pixel_knn() / 100
 

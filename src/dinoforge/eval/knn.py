@@ -262,13 +262,15 @@ def backbone_knn_top1(
     k: int = 20,
     T: float = 0.07,
     batch_size: int = 256,
+    image_size: int | None = None,
 ) -> dict[str, float]:
     """k-NN top-1 (%) of a backbone, train → val, on CLS features ("cls") and on CLS ⊕ mean patch token, each
-    L2-normalised ("cls+avgpool"), from one feature pass. Used by the demo and by periodic evaluation."""
+    L2-normalised ("cls+avgpool"), from one feature pass. Used by the demo and by periodic evaluation, which
+    pass the training's global crop size as `image_size` (the bundled set is drawn on a canvas of that size)."""
     from dinoforge.eval.features import dataset_features
 
     tr, va = (
-        dataset_features(backbone, "", spec, batch_size, None, use_cache=False, split=split)
+        dataset_features(backbone, "", spec, batch_size, image_size, use_cache=False, split=split)
         for spec, split in ((train_spec, "train"), (val_spec, "val"))
     )
     out = {}

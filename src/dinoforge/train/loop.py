@@ -352,6 +352,8 @@ def _periodic_eval(cfg, model, it: int, output_dir: Path, sharded: bool, main: b
 
         backbone = load_backbone(str(path), device=str(device))
         e = cfg.evaluation
-        top1 = backbone_knn_top1(backbone, e.knn_train_data, e.knn_val_data, k=e.knn_k)
+        top1 = backbone_knn_top1(
+            backbone, e.knn_train_data, e.knn_val_data, k=e.knn_k, image_size=cfg.crops.global_crops_size
+        )
         write_json(eval_dir / "knn.json", {"iteration": it, "k": e.knn_k, "top1": top1})
         log.log(it, {f"knn_top1_{name}": v for name, v in top1.items()})
