@@ -374,10 +374,13 @@ def test_distillation_from_a_training_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_training_improves_knn_over_random_init(tmp_path):
-    """End to end on the bundled data: a short run of the demo recipe beats the same architecture at random init
-    (k-NN top-1 on CLS ⊕ mean patch token, bundled train → val)."""
+def test_training_improves_knn_and_linear_over_random_init(tmp_path):
+    """End to end on the bundled data: a short run of the demo recipe beats the same architecture at random init,
+    bundled train → val at the training resolution, in k-NN top-1 (CLS ⊕ mean patch token) and in the linear probe
+    (best of the heads on the last 1/4 blocks' CLS ± mean patch token)."""
+    from dinoforge.eval.features import dataset_features
     from dinoforge.eval.knn import backbone_knn_top1
+    from dinoforge.eval.linear import linear_probe
     from dinoforge.models.weights import build_backbone, load_backbone
     from dinoforge.train import loop
 
@@ -387,6 +390,17 @@ def test_training_improves_knn_over_random_init(tmp_path):
     torch.manual_seed(0)
     random_init = build_backbone(trained.arch)
     size = cfg.crops.global_crops_size
+
+    def linear_top1(net) -> float:
+        tr, va = (
+            dataset_features(net, "", "bundled:" + split, 256, size, False, n_last_blocks=4, split=split)
+            for split in ("train", "val")
+        )
+        as_torch = lambda f: {k: torch.from_numpy(f[k]) for k in ("cls", "patch_avg", "labels")}  # noqa: E731
+        return linear_probe(as_torch(tr), as_torch(va), epochs=10)["top1"]
+
     acc_trained = backbone_knn_top1(trained, image_size=size)["cls+avgpool"]
     acc_random = backbone_knn_top1(random_init, image_size=size)["cls+avgpool"]
     assert acc_trained > acc_random + 3.0, (acc_trained, acc_random)
+    lin_trained, lin_random = linear_top1(trained), linear_top1(random_init)
+    assert lin_trained > lin_random + 5.0, (lin_trained, lin_random)
