@@ -329,6 +329,29 @@ def test_two_processes_match_one_process(tmp_path, mode):
         assert max((tb[k] - tc[k]).abs().max().item() for k in tb) < 1e-6
 
 
+def test_distillation_under_fsdp_matches_one_process(tmp_path):
+    """Distillation with FSDP2 (frozen teacher, student and its EMA sharded) over 2 processes × 4 equals 1 × 8."""
+    from dinoforge.models.weights import load_backbone
+    from dinoforge.train.checkpoint import list_checkpoints
+
+    base = TINY + ["ibot.loss_weight=0", "dino.koleo_loss_weight=0", "optim.epochs=1"]
+    _spawn(1, tmp_path / "teacher", base)
+    ckpt = list_checkpoints(tmp_path / "teacher" / "checkpoints")[-1]
+    distill = base + [
+        "student.embed_dim=16",
+        "student.num_heads=1",
+        "distillation.enabled=true",
+        f"distillation.teacher_checkpoint={ckpt}",
+    ]
+    _spawn(1, tmp_path / "one", distill + ["train.batch_size_per_gpu=8"])
+    _spawn(2, tmp_path / "two", distill + ["train.batch_size_per_gpu=4", "train.distributed=fsdp"])
+    a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [float(r["total_loss"]) for r in b] == pytest.approx([float(r["total_loss"]) for r in a], rel=1e-4)
+    sa = load_backbone(tmp_path / "one" / "teacher_backbone.safetensors").state_dict()
+    sb = load_backbone(tmp_path / "two" / "teacher_backbone.safetensors").state_dict()
+    assert max((sa[k] - sb[k]).abs().max().item() for k in sa) < 1e-4
+
+
 def test_cli_bad_key_is_one_line(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "dinoforge", "train", "-o", str(tmp_path), "optim.epoch=3"],

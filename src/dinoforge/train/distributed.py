@@ -85,7 +85,8 @@ def broadcast_module(module: nn.Module) -> None:
 
 
 def fully_shard_model(model: nn.Module, param_dtype: torch.dtype | None = None) -> None:
-    """FSDP2: shard every transformer block, then each student/teacher submodule (teacher sharded alike).
+    """FSDP2: shard every transformer block, then each submodule of the student, the teacher and (distillation)
+    the student's EMA, all alike.
     Backbones are called through `forward_features`, so that method gets FSDP's unshard/reshard hooks too."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
@@ -93,7 +94,7 @@ def fully_shard_model(model: nn.Module, param_dtype: torch.dtype | None = None) 
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
     kwargs = {"mp_policy": mp} if mp is not None else {}
-    for side in (model.student, model.teacher):
+    for side in (model.student, model.teacher, getattr(model, "student_ema", {})):
         for name, sub in side.items():
             if name == "backbone":
                 for block in sub.blocks:
@@ -111,4 +112,3 @@ def reshard(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, FSDPModule):
             m.reshard()
-
