@@ -329,6 +329,31 @@ def test_two_processes_match_one_process(tmp_path, mode):
         assert max((tb[k] - tc[k]).abs().max().item() for k in tb) < 1e-6
 
 
+def test_bf16_autocast_tracks_fp32_and_fsdp2_mixed_precision_runs(tmp_path):
+    """The mixed-precision paths, exercised on CPU: bf16 autocast follows the fp32 run's losses within bf16
+    accuracy; FSDP2 with its bf16 MixedPrecisionPolicy (bf16 parameters, fp32 gradient reduction) over
+    2 processes × 4 follows the 1 × 8 bf16 run."""
+    from dinoforge.train import loop
+
+    for mode in ("fp32", "bf16"):
+        loop.train(tiny_cfg(f"compute_precision.autocast={mode}"), tmp_path / mode, data="bundled:train", quiet=True)
+    fp32, bf16 = ([float(r["total_loss"]) for r in read_metrics(tmp_path / m)] for m in ("fp32", "bf16"))
+    assert all(math.isfinite(v) for v in bf16)
+    assert bf16 == pytest.approx(fp32, rel=3e-2)
+    assert bf16 != fp32  # autocast did change the arithmetic
+
+    common = TINY + [
+        "ibot.loss_weight=0",
+        "dino.koleo_loss_weight=0",
+        "optim.epochs=1",
+        "compute_precision.autocast=bf16",
+    ]
+    _spawn(1, tmp_path / "one", common + ["train.batch_size_per_gpu=8"])
+    _spawn(2, tmp_path / "two", common + ["train.batch_size_per_gpu=4", "train.distributed=fsdp"])
+    one, two = ([float(r["total_loss"]) for r in read_metrics(tmp_path / m)] for m in ("one", "two"))
+    assert two == pytest.approx(one, rel=1e-2)
+
+
 def test_distillation_under_fsdp_matches_one_process(tmp_path):
     """Distillation with FSDP2 (frozen teacher, student and its EMA sharded) over 2 processes × 4 equals 1 × 8."""
     from dinoforge.models.weights import load_backbone
