@@ -194,6 +194,30 @@ def test_build_dataset_uses_split_subfolder(tmp_path):
     assert ds.classes == ["a", "b"] and len(ds) == 2
 
 
+def test_build_dataset_without_split_reads_the_whole_tree(tmp_path):
+    """`embed`/`curate` read every image under the folder, even when it has train/val sub-folders."""
+    for i, part in enumerate(("train/a/x.png", "val/a/y.png", "test/z.png", "w.png")):
+        _save(tmp_path / part, _rgb(i))
+    assert len(build_dataset(tmp_path)) == 4
+    assert len(build_dataset(tmp_path, split="train")) == 1
+
+
+def test_val_labels_follow_the_train_class_order(tmp_path):
+    for c in ("a", "b", "c"):
+        _save(tmp_path / "train" / c / "x.png", _rgb(0))
+    for c in ("b", "c"):
+        _save(tmp_path / "val" / c / "y.png", _rgb(1))
+    train = build_dataset(tmp_path, split="train")
+    val = build_dataset(tmp_path, split="val", classes=train.classes)
+    assert val.classes == ["a", "b", "c"] and val.labels.tolist() == [1, 2]
+    assert build_dataset(tmp_path, split="val").labels.tolist() == [0, 1]  # on its own: its own order
+    (tmp_path / "l.jsonl").write_text('{"path": "val/c/y.png", "label": "c"}\n')
+    assert build_dataset(tmp_path / "l.jsonl", classes=train.classes).labels.tolist() == [2]
+    _save(tmp_path / "val" / "zebra" / "q.png", _rgb(2))
+    with pytest.raises(DinoforgeError, match="zebra not among the 3 train classes"):
+        build_dataset(tmp_path, split="val", classes=train.classes)
+
+
 def test_sample_photos():
     photos = load_sample_photos()
     assert {"astronaut", "chelsea", "coffee", "rocket"} <= set(photos)

@@ -111,6 +111,55 @@ def test_dataset_features_cached_across_calls(monkeypatch, tmp_path):
     assert len(calls) == 4 and deep["cls"].shape[1] == again["cls"].shape[1] == 2
 
 
+def test_cache_sees_replaced_images(tmp_path):
+    """Same folder, same image count, one image rewritten: the cached features are not reused."""
+    import os
+
+    model = _tiny()
+    root = tmp_path / "imgs" / "a"
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    fp = F.model_fingerprint(model)
+    before = F.dataset_features(model, fp, str(root.parent), 4, 32, True)
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(root / "1.png")
+    os.utime(root / "1.png", ns=(1, 1))  # a different mtime whatever the file system's clock resolution
+    after = F.dataset_features(model, fp, str(root.parent), 4, 32, True)
+    fresh = F.dataset_features(model, fp, str(root.parent), 4, 32, False)
+    np.testing.assert_array_equal(after["cls"], fresh["cls"])
+    assert not np.allclose(before["cls"][1], after["cls"][1])
+    np.testing.assert_array_equal(before["cls"][[0, 2]], after["cls"][[0, 2]])
+
+
+def test_eval_commands_align_classes_and_refuse_unlabelled_data(tmp_path):
+    from dinoforge.cli import app
+
+    w = save_backbone(_tiny(), tmp_path / "tiny.safetensors")
+    rng = np.random.default_rng(0)
+    for split, classes in (("train", "abc"), ("val", "bc")):
+        for c in classes:
+            for i in range(2):
+                img = np.full((32, 32, 3), 40 + 80 * "abc".index(c), dtype=np.uint8)
+                img += rng.integers(0, 8, img.shape, dtype=np.uint8)
+                Image.fromarray(img).save(_mkdir(tmp_path / split / c) / f"{i}.png")
+    for i in range(2):
+        Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(_mkdir(tmp_path / "flat") / f"{i}.png")
+    runner = CliRunner()
+    common = ["--weights", str(w), "--train-data", str(tmp_path / "train"), "--device", "cpu", "--k", "1"]
+    r = runner.invoke(app, ["eval", "knn", *common, "--val-data", str(tmp_path / "val"), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    # classes are constant colours: with labels aligned by name every val image finds its own class
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["full"]["k=1"]["top1"] == 100.0
+    r = runner.invoke(app, ["eval", "knn", *common, "--val-data", str(tmp_path / "flat"), "--out", str(tmp_path / "f")])
+    assert r.exit_code != 0 and "unlabelled images" in str(r.exception or r.output)
+
+
+def _mkdir(path):
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def test_knn_and_logreg_commands_share_cache(tmp_path, monkeypatch):
     from dinoforge.cli import app
 

@@ -127,19 +127,32 @@ class ImageFolderDataset(_PathDataset):
 
     `.ignored` lists files without an image extension (reported, never loaded)."""
 
-    def __init__(self, root: str | Path, transform: Transform = None) -> None:
+    def __init__(self, root: str | Path, transform: Transform = None, classes: Sequence[str] | None = None) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise DinoforgeError(f"image folder not found: {self.root}")
         paths, self.ignored = _scan(self.root)
-        classes = sorted({p.relative_to(self.root).parts[0] for p in paths if p.parent != self.root})
-        if classes and all(p.parent != self.root for p in paths):
+        found = sorted({p.relative_to(self.root).parts[0] for p in paths if p.parent != self.root})
+        if found and all(p.parent != self.root for p in paths):
+            classes = _check_classes(found, classes, self.root)
             index = {c: i for i, c in enumerate(classes)}
             labels = [index[p.relative_to(self.root).parts[0]] for p in paths]
         else:
             classes, labels = [], [-1] * len(paths)
         super().__init__(paths, labels, transform)
-        self.classes = classes
+        self.classes = list(classes)
+
+
+def _check_classes(found: Sequence[str], classes: Sequence[str] | None, source: Path) -> Sequence[str]:
+    """The class list to index labels by: `classes` (e.g. the train split's) when given, else `found`."""
+    if classes is None:
+        return found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise DinoforgeError(
+            f"{source}: class(es) {', '.join(unknown[:5])} not among the {len(classes)} train classes"
+        )
+    return classes
 
 
 def _parse_label(raw: Any) -> int | str:
@@ -161,7 +174,7 @@ class FileListDataset(_PathDataset):
     Relative paths resolve against the manifest's folder. Labels are integers, or class names that are
     mapped to indices in sorted order (then `.classes` holds the names)."""
 
-    def __init__(self, manifest: str | Path, transform: Transform = None) -> None:
+    def __init__(self, manifest: str | Path, transform: Transform = None, classes: Sequence[str] | None = None) -> None:
         self.manifest = Path(manifest)
         if not self.manifest.is_file():
             raise DinoforgeError(f"file list not found: {self.manifest}")
@@ -177,6 +190,8 @@ class FileListDataset(_PathDataset):
         named = sorted({x for x in raw if isinstance(x, str)})
         if named and any(isinstance(x, int) for x in raw):
             raise DinoforgeError(f"{self.manifest}: mixes integer labels and class names")
+        if named:
+            named = list(_check_classes(named, classes, self.manifest))
         index = {c: i for i, c in enumerate(named)}
         labels = [-1 if x is None else index[x] if isinstance(x, str) else x for x in raw]
         super().__init__(paths, labels, transform)
@@ -284,20 +299,26 @@ def collate_skip_none(batch: list) -> Any:
 
 
 def build_dataset(
-    spec: str | Path, transform: Transform = None, split: str = "train", size: int = 32
+    spec: str | Path,
+    transform: Transform = None,
+    split: str | None = None,
+    size: int = 32,
+    classes: Sequence[str] | None = None,
 ) -> Dataset:
-    """Dataset from a spec: `bundled[:train|:val]`, `bundled-full[:split]`, an image folder (its `split`
-    sub-folder when it has one) or a `.txt`/`.csv`/`.jsonl` manifest. `size` applies to the bundled set."""
+    """Dataset from a spec: `bundled[:train|:val]`, `bundled-full[:split]`, an image folder or a
+    `.txt`/`.csv`/`.jsonl` manifest. With a `split`, a folder that has such a sub-folder is read there (the bundled
+    set defaults to train); without one, the whole folder tree. `size` applies to the bundled set; `classes` (e.g.
+    the train split's) fixes the label index of named classes, so train and val labels agree."""
     s = str(spec)
     name, _, sub = s.partition(":")
     if name in ("bundled", "bundled-full") and not Path(s).exists():
-        return BundledDataset(sub or split, transform=transform, size=size, full=name == "bundled-full")
+        return BundledDataset(sub or split or "train", transform=transform, size=size, full=name == "bundled-full")
     p = Path(s)
     if p.is_dir():
-        return ImageFolderDataset(p / split if (p / split).is_dir() else p, transform)
+        return ImageFolderDataset(p / split if split and (p / split).is_dir() else p, transform, classes)
     if p.is_file():
         if p.suffix.lower() in MANIFEST_EXTENSIONS:
-            return FileListDataset(p, transform)
+            return FileListDataset(p, transform, classes)
         raise DinoforgeError(f"not an image folder or a .txt/.csv/.jsonl file list: {p}")
     raise DinoforgeError(f"data not found: {p} (give a folder, a file list, or 'bundled[:train|:val]')")
 

@@ -141,6 +141,18 @@ def eval_transform_for(spec: str, image_size: int | None, patch_size: int) -> tu
     return eval_transform(resize=round(crop * 256 / 224), crop=crop), 0
 
 
+def _files_id(dataset: Dataset) -> str:
+    """Hash of (path, size, mtime) of a path-based dataset's files ("" for the bundled set)."""
+    h = hashlib.sha256()
+    for p in getattr(dataset, "paths", []):
+        try:
+            st = os.stat(p)
+            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{p}|missing\n".encode())
+    return h.hexdigest()
+
+
 def dataset_features(
     net: torch.nn.Module,
     fingerprint: str,
@@ -151,19 +163,22 @@ def dataset_features(
     n_last_blocks: int = 1,
     split: str = "train",
     data_id: str | None = None,
+    classes: Sequence[str] | None = None,
 ) -> dict[str, np.ndarray]:
     """Features of one data spec (bundled:train, folder, file list), from the cache when possible.
 
-    The cache key uses `data_id` when given (else the resolved folder/file list) and the item count."""
+    The cache key uses `data_id` when given (else the resolved folder/file list), the class list, and the
+    path, size and modification time of every image, so edited or replaced images are embedded again."""
     from dinoforge.data.datasets import build_dataset
 
     transform, canvas = eval_transform_for(spec, image_size, int(getattr(net, "patch_size", 14)))
-    dataset = build_dataset(spec, transform=transform, split=split, size=canvas or 32)
+    dataset = build_dataset(spec, transform=transform, split=split, size=canvas or 32, classes=classes)
     if len(dataset) == 0:
         raise DinoforgeError(f"no images found in {spec}")
     source = getattr(dataset, "root", None) or getattr(dataset, "manifest", None)
     data_id = data_id or (str(Path(source).resolve()) if source else f"{spec}|{split}")
-    key = feature_key(fingerprint, f"{data_id}|{len(dataset)}", f"{transform!r}|{canvas}")
+    data_key = f"{data_id}|{len(dataset)}|{getattr(dataset, 'classes', [])}|{_files_id(dataset)}"
+    key = feature_key(fingerprint, data_key, f"{transform!r}|{canvas}")
     dev = next(net.parameters()).device
     n_last_blocks = min(n_last_blocks, int(getattr(net, "n_blocks", n_last_blocks)))
 
@@ -184,28 +199,31 @@ def features_from_opts(
     use_cache: bool,
     n_last_blocks: int = 1,
 ) -> list[dict[str, np.ndarray]]:
-    """Load the backbone from CLI options and return (cached) features for each data spec, in order.
+    """Load the backbone from CLI options and return (cached) features for each labelled data spec, in order.
 
     The first spec is read as the train split and the others as the val split of a folder with such
-    sub-folders; `out` is created so the command can write its metrics there."""
+    sub-folders; class names index labels in the first spec's order, so every split agrees. Unlabelled data
+    is an error. `out` is created so the command can write its metrics there."""
     from dinoforge.cli_common import load_model_from_opts
+    from dinoforge.data.datasets import build_dataset
 
+    splits = ["train" if i == 0 and len(specs) > 1 else "val" for i in range(len(specs))]
+    classes = getattr(build_dataset(specs[0], split=splits[0]), "classes", None) or None
     net = load_model_from_opts(model, weights, device)
     fingerprint = model_fingerprint(net, weights if weights is not None else model)
     Path(out).mkdir(parents=True, exist_ok=True)
-    return [
-        dataset_features(
-            net,
-            fingerprint,
-            spec,
-            batch_size,
-            image_size,
-            use_cache,
-            n_last_blocks,
-            "train" if i == 0 and len(specs) > 1 else "val",
+    result = []
+    for spec, split in zip(specs, splits, strict=True):
+        feats = dataset_features(
+            net, fingerprint, spec, batch_size, image_size, use_cache, n_last_blocks, split, classes=classes
         )
-        for i, spec in enumerate(specs)
-    ]
+        if (feats["labels"] < 0).any():
+            raise DinoforgeError(
+                f"{spec} has unlabelled images: this evaluation needs class labels (one sub-folder per class, "
+                "or a file list with labels)"
+            )
+        result.append(feats)
+    return result
 
 
 def path_list_features(
