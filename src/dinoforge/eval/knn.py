@@ -209,9 +209,13 @@ def knn_command(
     train_data: TrainDataOpt = "bundled:train",
     val_data: ValDataOpt = "bundled:val",
     out: OutOpt = Path("runs/eval_knn"),
-    ks: list[int] = typer.Option([10, 20, 100, 200], "--k", help="Numbers of neighbours (repeat the option)."),
-    temperature: float = typer.Option(0.07, "--temperature", "-T", help="Vote temperature: weight exp(sim/T)."),
-    n_per_class: list[int] = typer.Option([], "--n-per-class", help="Few-shot: train images per class (repeat)."),
+    ks: list[int] = typer.Option([10, 20, 100, 200], "--k", min=1, help="Numbers of neighbours (repeat the option)."),
+    temperature: float = typer.Option(
+        0.07, "--temperature", "-T", min=1e-6, help="Vote temperature: weight exp(sim/T)."
+    ),
+    n_per_class: list[int] = typer.Option(
+        [], "--n-per-class", min=1, help="Few-shot: train images per class (repeat)."
+    ),
     n_tries: int = typer.Option(1, "--n-tries", min=1, help="Random few-shot subsets (seeds) per n."),
     image_size: ImageSizeOpt = None,
     batch_size: BatchOpt = 64,
