@@ -1,11 +1,13 @@
 """`dinoforge curate` commands chained on real files, their outputs, --help, and one-line errors."""
 
 import json
+import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 from test_curate_pipeline import write_pool  # tests/ is on sys.path under pytest
 from typer.testing import CliRunner
 
@@ -104,3 +106,56 @@ def test_errors_are_one_line(tmp_path):
     )
     assert res.returncode == 2
     assert res.stderr.strip().startswith("error: no embedding shards") and len(res.stderr.strip().splitlines()) == 1
+
+
+def run_cli(*args, cwd=None):
+    """`python -m dinoforge curate ...` in a subprocess: (exit code, stderr)."""
+    env = os.environ | {"DINOFORGE_NO_PROGRESS": "1"}
+    res = subprocess.run(
+        [sys.executable, "-m", "dinoforge", "curate", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=cwd,
+    )
+    return res.returncode, res.stderr
+
+
+def assert_one_line_error(rc, stderr, *needles):
+    assert rc == 2, stderr
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "overrides", "needles"),
+    [
+        ("pool: p\n", ["sample.target_sise=5"], ["'sample.target_sise'", "did you mean sample.target_size"]),
+        ("pool: p\ndedup: {treshold: 0.5}\n", [], ["cfg.yaml", "'dedup.treshold'", "did you mean dedup.threshold"]),
+        ("pool: p\n", ["dedup.threshold=abc"], ["'dedup.threshold'", "must be a number", "'abc'"]),
+        ("pool: p\ndedup:\n  threshold: [0.5\n", [], ["cfg.yaml", "not valid YAML", "line"]),
+        ("pool: p\n  bad indent: 1\n", [], ["cfg.yaml", "not valid YAML"]),
+        ("- pool\n", [], ["cfg.yaml", "must be a YAML mapping"]),
+    ],
+)
+def test_run_config_errors_are_one_line(tmp_path, yaml_text, overrides, needles):
+    (tmp_path / "cfg.yaml").write_text(yaml_text)
+    rc, err = run_cli("run", "--config", tmp_path / "cfg.yaml", "--out", tmp_path / "o", *overrides)
+    assert_one_line_error(rc, err, *needles)
+    assert not (tmp_path / "o").exists()
+
+
+def test_embed_resume_with_another_model_is_one_line_error(tmp_path):
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(pool / f"{i}.png")
+    invoke("embed", "--data", pool, "--out", tmp_path / "emb", "--device", "cpu")
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "emb").iterdir())
+    rc, err = run_cli("embed", "--data", pool, "--out", tmp_path / "emb", "-m", "dinov2_vits14", "--device", "cpu")
+    assert_one_line_error(rc, err, "holds embeddings from another model", "model=pixel", "model=dinov2_vits14")
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "emb").iterdir()) == before  # untouched

@@ -253,3 +253,112 @@ def test_one_vs_two_processes_same_manifest(tmp_path):
         shards = sorted(p.name for p in (tmp_path / f"out{n}" / "embeddings" / "pool").glob("*.npy"))
         assert len(shards) >= 4  # both ranks embed shards
     assert outs[1] == outs[2] and len(outs[1].splitlines()) >= 80
+
+
+def test_manifest_paths_load_from_any_folder_with_relative_pool(tmp_path, monkeypatch):
+    """A relative `pool` (taken against the current folder) must give a manifest whose paths still load: the
+    file-list reader resolves relative paths against the manifest's own folder, so they are written absolute."""
+    from dinoforge.data.datasets import build_dataset
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pool").mkdir()
+    for i, t in enumerate(tiles()[:12]):
+        t.save(tmp_path / "pool" / f"{i:02d}.png")
+    report = run_pipeline(load_config(None, ["pool=pool", "device=cpu", "shard_size=5"]), "out")
+    manifest_path = tmp_path / "out" / "manifest.jsonl"
+    lines = manifest_path.read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len(lines) == report["manifest_images"] > 0
+    assert all(os.path.isabs(r["path"]) and r["step"] == "dedup" for r in records)  # other fields kept
+    monkeypatch.chdir(tmp_path / "out")  # a later command may run anywhere
+    ds = build_dataset(str(manifest_path))
+    assert len(ds) == len(lines)
+    assert all(ds[i] is not None for i in range(len(ds)))
+    shard_paths = EmbeddingStore.open(tmp_path / "out" / "embeddings" / "pool").paths
+    assert len(shard_paths) == 12 and all(os.path.isabs(p) for p in shard_paths)
+
+
+def _small_pool(root, n=6):
+    root.mkdir()
+    for i, t in enumerate(tiles()[:n]):
+        t.save(root / f"{i:02d}.png")
+    return root
+
+
+def test_resume_refuses_shards_of_another_model_or_image_set(tmp_path):
+    from dinoforge.curate.embed import embedder
+    from dinoforge.data.datasets import build_dataset
+
+    net, tf = embedder("pixel")
+    ds = build_dataset(_small_pool(tmp_path / "pool"), transform=tf)
+    a = {"model": "pixel", "image_size": 64}
+    b = {"model": "/w/student.pth (123 bytes, modified 2024-01-01T00:00:00Z)", "image_size": 224}
+    embed_dataset(net, ds, tmp_path / "emb", shard_size=4, identity=a)
+    meta = json.loads((tmp_path / "emb" / "shard_00000.json").read_text())
+    assert meta["embedder"] == a
+    assert embed_dataset(net, ds, tmp_path / "emb", shard_size=4, identity=a)["resumed_shards"] == 2
+    with pytest.raises(DinoforgeError, match="another model") as e:
+        embed_dataset(net, ds, tmp_path / "emb", shard_size=4, identity=b)
+    msg = str(e.value)
+    assert "model=pixel" in msg and "student.pth" in msg and "new output folder" in msg and "\n" not in msg
+    with pytest.raises(DinoforgeError, match="another image set or shard size"):
+        embed_dataset(net, ds, tmp_path / "emb", shard_size=3, identity=a)
+
+    # shards without a recorded embedder (older runs) are not trusted either
+    meta.pop("embedder")
+    (tmp_path / "emb" / "shard_00000.json").write_text(json.dumps(meta))
+    with pytest.raises(DinoforgeError, match="another model.*unrecorded"):
+        embed_dataset(net, ds, tmp_path / "emb", shard_size=4, identity=a)
+    with pytest.raises(DinoforgeError, match="mixes embeddings of different models"):
+        EmbeddingStore.open(tmp_path / "emb")
+
+
+def test_embedder_identity_tracks_weights_file(tmp_path):
+    from dinoforge.curate.embed import embedder, embedder_identity
+
+    assert embedder_identity("pixel") == embedder_identity("thumbnail")
+    assert embedder_identity("pixel") != embedder_identity("dinov2_vits14")
+    w = tmp_path / "w.pth"
+    w.write_bytes(b"0" * 10)
+    first = embedder_identity("dinov2_vits14", w)
+    assert str(w) in first["weights"] and "10 bytes" in first["weights"]
+    assert embedder_identity("dinov2_vits14", w) == first
+    w.write_bytes(b"0" * 11)  # same path, new weights
+    assert embedder_identity("dinov2_vits14", w) != first
+    assert embedder_identity(str(w)) != embedder_identity("dinov2_vits14")  # a weights file given as the model
+    with pytest.raises(DinoforgeError, match="pixel descriptor takes no weights"):
+        embedder("pixel", w)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["sample.target_sise=5"], r"'sample\.target_sise' \(did you mean sample\.target_size"),
+        (["dedup.treshold=0.5"], r"'dedup\.treshold' \(did you mean dedup\.threshold"),
+        (["treshold=0.5"], r"'treshold' \(did you mean dedup\.threshold"),
+        (["dedup.threshold=abc"], r"'dedup\.threshold' must be a number"),
+        (["cluster.levels=[4,x]"], r"'cluster\.levels' must be a list of integers"),
+        (["dedup.index=hnsw"], r"'dedup\.index' must be one of flat, ivf, ivfpq"),
+        (["dedup=0.5"], r"'dedup' .* must be a mapping"),
+        (["cluster.levels=[1,2"], r"bad curation override 'cluster\.levels=\[1,2': not valid YAML"),
+        (["pool"], r"must be key=value"),
+    ],
+)
+def test_config_rejects_nested_typos_and_bad_values(overrides, match):
+    with pytest.raises(DinoforgeError, match=match):
+        load_config(None, ["pool=somewhere", *overrides])
+
+
+def test_config_nested_yaml_keys_checked_and_defaults_file_valid(tmp_path):
+    from pathlib import Path
+
+    default = Path(__file__).resolve().parents[1] / "configs" / "curate_default.yaml"
+    cfg = load_config(default)
+    assert cfg.cluster.levels == [100, 10] and cfg.dedup.threshold == DEFAULT_THRESHOLD
+    (tmp_path / "c.yaml").write_text("pool: p\ncurated:\ntest: one_folder\ndedup:\n  index: ivf\nsample:\n")
+    cfg = load_config(tmp_path / "c.yaml")  # empty sections keep defaults; one test folder becomes a list
+    assert cfg.curated == {} and list(cfg.test) == ["one_folder"] and cfg.dedup.index == "ivf"
+    assert cfg.dedup.threshold == DEFAULT_THRESHOLD and cfg.sample.strategy == "random"
+    (tmp_path / "t.yaml").write_text("pool: p\ndedup: {treshold: 0.5}\n")
+    with pytest.raises(DinoforgeError, match=r"t\.yaml: 'dedup\.treshold' \(did you mean dedup\.threshold"):
+        load_config(tmp_path / "t.yaml")

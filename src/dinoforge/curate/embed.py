@@ -1,10 +1,14 @@
 """Embed an image set into float16 shards (`shard_XXXXX.npy` + `.json` file list), sharded over torchrun ranks
-and resumable: a shard whose `.json` exists is finished and is skipped on a re-run."""
+and resumable: a shard whose `.json` exists is finished and is skipped on a re-run, provided it records the
+same embedder (model, weights file, image size, descriptor) and the same images; otherwise the re-run fails
+instead of mixing embeddings of two models in one folder."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from dinoforge.curate.store import absolute_name, describe_identity
 from dinoforge.utils import DinoforgeError, eprint, write_json
+
+PIXEL_IMAGE_SIZE = 64  # the pixel descriptor's input: images resized to 64x64
+BACKBONE_RESIZE, BACKBONE_CROP = 256, 224  # a backbone's eval transform: shorter side 256, centre crop 224
 
 
 class ThumbnailDescriptor(nn.Module):
@@ -55,7 +63,7 @@ class _Slice(Dataset):
         return None if item is None else (item[0], item[1], i)
 
     def item_name(self, i: int) -> str:
-        return str(getattr(self.base, "item_name", str)(self.start + i))
+        return absolute_name(str(getattr(self.base, "item_name", str)(self.start + i)))
 
 
 def rank_world() -> tuple[int, int]:
@@ -80,13 +88,15 @@ def embed_dataset(
     device: str | torch.device = "cpu",
     rank: int | None = None,
     world_size: int | None = None,
+    identity: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Embed this rank's shards (shard s goes to rank s mod world) into out_dir; finished shards are skipped.
 
     Each shard is written as float16 `.npy` (then read memory-mapped) plus a `.json` with the embedded
-    paths in
-    row order and the unreadable ones; the `.json` is written last, so a crash never leaves a shard that looks
-    done. Returns counts for this rank."""
+    paths (absolute) in row order, the unreadable ones and `identity` (what produced the vectors; see
+    `embedder_identity`, default: the module's class); the `.json` is written last, so a crash never leaves
+    a shard that looks done. A finished shard is reused only when it records the same identity and the same
+    images, else DinoforgeError. Returns counts for this rank."""
     from dinoforge.embed import extract_features
 
     n = len(dataset)
@@ -94,16 +104,19 @@ def embed_dataset(
         raise DinoforgeError("nothing to embed: the image set is empty")
     r, w = rank_world()
     rank, world_size = (r if rank is None else rank), (w if world_size is None else world_size)
+    if identity is None:
+        identity = {"module": type(model).__qualname__}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n_shards = math.ceil(n / shard_size)
     stats = {"images": n, "shards": n_shards, "embedded": 0, "skipped": 0, "resumed_shards": 0}
     for s in range(rank, n_shards, world_size):
         meta_path = out / f"shard_{s:05d}.json"
+        part = _Slice(dataset, s * shard_size, min(n, (s + 1) * shard_size))
         if meta_path.exists():
+            _check_resumable(meta_path, part, identity)
             stats["resumed_shards"] += 1
             continue
-        part = _Slice(dataset, s * shard_size, min(n, (s + 1) * shard_size))
         try:
             feats = extract_features(model, part, batch_size, device, desc=f"embedding shard {s}")
             vecs, names, skipped = (
@@ -122,7 +135,10 @@ def embed_dataset(
         tmp = out / f".shard_{s:05d}.tmp.npy"
         np.save(tmp, vecs.astype(np.float16))
         os.replace(tmp, out / f"shard_{s:05d}.npy")
-        write_json(meta_path, {"shard": s, "start": s * shard_size, "paths": names, "skipped": skipped})
+        write_json(
+            meta_path,
+            {"shard": s, "start": s * shard_size, "embedder": identity, "paths": names, "skipped": skipped},
+        )
         stats["embedded"] += len(names)
         stats["skipped"] += len(skipped)
         if skipped:
@@ -130,6 +146,60 @@ def embed_dataset(
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     return stats
+
+
+def _check_resumable(meta_path: Path, part: _Slice, identity: dict[str, Any]) -> None:
+    """A finished shard may be reused only if the same embedder produced it from the same images."""
+    try:
+        meta = json.loads(meta_path.read_text())
+        done = list(meta["paths"]) + list(meta["skipped"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DinoforgeError(
+            f"{meta_path} is not a readable embedding shard: delete it (and its .npy) to embed that shard again"
+        ) from None
+    folder = meta_path.parent
+    if meta.get("embedder") != identity:
+        raise DinoforgeError(
+            f"{folder} holds embeddings from another model ({describe_identity(meta.get('embedder'))}) than "
+            f"this run ({describe_identity(identity)}): choose a new output folder, or delete its shard_* files "
+            "to re-embed"
+        )
+    if sorted(done) != sorted(part.item_name(i) for i in range(len(part))):
+        raise DinoforgeError(
+            f"{folder} holds shard {meta_path.stem} of another image set or shard size (its images differ from "
+            "this run's): choose a new output folder, or delete its shard_* files to re-embed"
+        )
+
+
+def _fingerprint(path: str | Path) -> str:
+    """An absolute path with its size and modification time (a folder: total size, newest file), so that a
+    changed weights file at the same path is told apart."""
+    p = Path(path).absolute()
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    stats = [f.stat() for f in files]
+    size = sum(st.st_size for st in stats)
+    mtime = max((st.st_mtime for st in stats), default=0.0)
+    when = datetime.fromtimestamp(int(mtime), tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f"{p} ({size} bytes, modified {when})"
+
+
+def embedder_identity(model: str | None, weights: str | Path | None = None) -> dict[str, Any]:
+    """What produced a curation embedding, recorded in every shard: the model name (or its file with size
+    and modification time), the weights file likewise, the input image size and the descriptor."""
+    if model in ("pixel", "thumbnail"):
+        grid = ThumbnailDescriptor().size
+        return {
+            "model": "pixel",
+            "descriptor": f"thumbnail {grid}x{grid} per channel",
+            "image_size": PIXEL_IMAGE_SIZE,
+        }
+    name = str(model or weights)
+    return {
+        "model": _fingerprint(name) if Path(name).exists() else name,
+        "weights": None if weights is None else _fingerprint(weights),
+        "descriptor": "cls token (x_norm_clstoken)",
+        "image_size": f"resize {BACKBONE_RESIZE}, centre crop {BACKBONE_CROP}",
+    }
 
 
 def embedder(model: str | None, weights: Path | None = None, device: str = "auto") -> tuple[nn.Module, Any]:
@@ -140,10 +210,15 @@ def embedder(model: str | None, weights: Path | None = None, device: str = "auto
     from dinoforge.data.transforms import eval_transform, normalize_transform
 
     if model in ("pixel", "thumbnail"):
-        return ThumbnailDescriptor(), transforms.Compose([transforms.Resize((64, 64)), normalize_transform()])
+        if weights is not None:
+            raise DinoforgeError(
+                f"the pixel descriptor takes no weights: drop --weights/weights ({weights}) or choose a backbone model"
+            )
+        size = (PIXEL_IMAGE_SIZE, PIXEL_IMAGE_SIZE)
+        return ThumbnailDescriptor(), transforms.Compose([transforms.Resize(size), normalize_transform()])
     from dinoforge.cli_common import load_model_from_opts
 
-    return load_model_from_opts(model, weights, device), eval_transform()
+    return load_model_from_opts(model, weights, device), eval_transform(BACKBONE_RESIZE, BACKBONE_CROP)
 
 
 def embed_images(
@@ -163,4 +238,12 @@ def embed_images(
     dataset = build_dataset(data, transform=transform)
     if len(dataset) == 0:
         raise DinoforgeError(f"no images found in {data}")
-    return embed_dataset(net, dataset, out_dir, shard_size, batch_size, resolve_device(device))
+    return embed_dataset(
+        net,
+        dataset,
+        out_dir,
+        shard_size,
+        batch_size,
+        resolve_device(device),
+        identity=embedder_identity(model, weights),
+    )

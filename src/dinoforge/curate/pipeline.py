@@ -4,20 +4,24 @@ then a
 
 from __future__ import annotations
 
+import copy
+import difflib
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch.distributed as dist
+import yaml
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from dinoforge.curate.dedup import DEFAULT_THRESHOLD, dedup, near_reference
 from dinoforge.curate.embed import embed_images, rank_world
 from dinoforge.curate.kmeans import Hierarchy, hierarchical_kmeans
 from dinoforge.curate.retrieve import retrieve
 from dinoforge.curate.sample import balanced_sample, size_entropy
-from dinoforge.curate.store import EmbeddingStore, take_rows
+from dinoforge.curate.store import EmbeddingStore, absolute_name, take_rows
 from dinoforge.utils import DinoforgeError, atomic_write, eprint, write_json
 
 DEFAULTS: dict[str, Any] = {
@@ -44,29 +48,217 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
-    """Defaults merged with a YAML file and `key=value` overrides; unknown keys are an error."""
-    cfg = OmegaConf.create(DEFAULTS)
-    OmegaConf.set_struct(cfg, False)
-    parts = [cfg]
-    if path is not None:
-        from dinoforge.utils import require_file
+def _key_hint(key: str, known: list[str]) -> str:
+    """`key` plus up to three close matches among the known dotted keys."""
+    leaf = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    close += [k for k in known if k.rsplit(".", 1)[-1] == leaf and k not in close][:3]
+    return f"{key!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
 
-        parts.append(OmegaConf.load(require_file(path, "curation config")))
-    if overrides:
-        parts.append(OmegaConf.from_dotlist(list(overrides)))
-    merged = OmegaConf.merge(*parts)
-    unknown = set(merged.keys()) - set(DEFAULTS)
-    if unknown:
-        raise DinoforgeError(f"unknown curation config key(s): {', '.join(sorted(unknown))}")
-    if not merged.pool:
+
+def _flat_keys(defaults: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in defaults.items():
+        keys.append(prefix + k)
+        if isinstance(v, dict) and v:
+            keys += _flat_keys(v, f"{prefix}{k}.")
+    return keys
+
+
+def _check_keys(user: dict[Any, Any], source: str) -> dict[str, Any]:
+    """Fail on keys that are not in DEFAULTS (at any depth; `curated` names are free), naming close matches.
+    A section left empty (`dedup:` with nothing under it) keeps its defaults."""
+    bad: list[str] = []
+
+    def walk(part: dict[Any, Any], defaults: dict[str, Any], prefix: str) -> dict[str, Any]:
+        out = {}
+        for k, v in part.items():
+            key = f"{prefix}{k}"
+            if not isinstance(k, str) or k not in defaults:
+                bad.append(key)
+                continue
+            d = defaults[k]
+            if isinstance(d, dict) and d:  # a section with fixed keys
+                if v is None:
+                    continue
+                if not isinstance(v, dict):
+                    raise DinoforgeError(
+                        f"curation config key {key!r} ({source}) must be a mapping with keys {', '.join(d)}, got {v!r}"
+                    )
+                out[k] = walk(v, d, key + ".")
+            else:
+                out[k] = v
+        return out
+
+    checked = walk(user, DEFAULTS, "")
+    if bad:
+        known = _flat_keys(DEFAULTS)
+        raise DinoforgeError(f"unknown curation config key in {source}: {'; '.join(_key_hint(k, known) for k in bad)}")
+    return checked
+
+
+def _load_yaml(path: str | Path) -> dict[Any, Any]:
+    from dinoforge.utils import require_file
+
+    p = require_file(path, "curation config")
+    if not p.is_file():
+        raise DinoforgeError(f"curation config {p} is not a file")
+    try:
+        loaded = OmegaConf.load(p)
+    except yaml.MarkedYAMLError as e:
+        where = f" at line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1}" if e.problem_mark else ""
+        raise DinoforgeError(f"curation config {p} is not valid YAML{where}: {e.problem or e.context}") from None
+    except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError, OSError) as e:
+        raise DinoforgeError(f"curation config {p} cannot be read: {_first_line(e)}") from None
+    if not isinstance(loaded, DictConfig):
+        raise DinoforgeError(f"curation config {p} must be a YAML mapping of keys (see configs/curate_default.yaml)")
+    return _to_container(loaded, f"curation config {p}")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def _to_container(cfg: DictConfig, source: str, resolve: bool = False) -> dict[Any, Any]:
+    try:
+        return OmegaConf.to_container(cfg, resolve=resolve)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        raise DinoforgeError(f"{source}: {_first_line(e)}") from None
+
+
+def _parse_overrides(overrides: list[str]) -> dict[Any, Any]:
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise DinoforgeError(f"curation overrides must be key=value, got: {' '.join(bad)}")
+    for o in overrides:  # one at a time first, so that an error names the override
+        try:
+            OmegaConf.from_dotlist([o])
+        except yaml.MarkedYAMLError as e:
+            raise DinoforgeError(f"bad curation override {o!r}: not valid YAML ({e.problem or e.context})") from None
+        except (yaml.YAMLError, OmegaConfBaseException) as e:
+            raise DinoforgeError(f"bad curation override {o!r}: {_first_line(e)}") from None
+    return _to_container(OmegaConf.from_dotlist(list(overrides)), "curation overrides")
+
+
+def _merge(base: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in part.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _fail(key: str, what: str, value: Any) -> DinoforgeError:
+    return DinoforgeError(f"curation config key {key!r} must be {what}, got {value!r}")
+
+
+def _int(key: str, v: Any, lo: int | None = None, optional: bool = False) -> int | None:
+    if v is None and optional:
+        return None
+    what = "an integer" + ("" if lo is None else f" >= {lo}") + (" or null" if optional else "")
+    if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo):
+        raise _fail(key, what, v)
+    return v
+
+
+def _ints(key: str, v: Any, lo: int, scalar_ok: bool, optional: bool = False) -> Any:
+    if v is None and optional:
+        return None
+    if scalar_ok and isinstance(v, int) and not isinstance(v, bool) and v >= lo:
+        return v
+    what = f"a list of integers >= {lo}" + (" (or one integer)" if scalar_ok else "") + (" or null" if optional else "")
+    if not isinstance(v, list) or any(isinstance(x, bool) or not isinstance(x, int) or x < lo for x in v):
+        raise _fail(key, what, v)
+    return v
+
+
+def _float(key: str, v: Any, lo: float, hi: float) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
+        raise _fail(key, f"a number in [{lo:g}, {hi:g}]", v)
+    return float(v)
+
+
+def _choice(key: str, v: Any, choices: tuple[str, ...]) -> str:
+    if v not in choices:
+        raise _fail(key, f"one of {', '.join(choices)}", v)
+    return v
+
+
+def _path(key: str, v: Any, optional: bool = False) -> str | None:
+    if v is None and optional:
+        return None
+    if isinstance(v, bool) or not isinstance(v, str | int) or v == "":
+        raise _fail(key, "a path" + (" or null" if optional else ""), v)
+    return str(v)
+
+
+def _check_values(c: dict[str, Any]) -> dict[str, Any]:
+    """Type- and range-check every value (so a typo such as `dedup.threshold=abc` fails here, in one line)."""
+    if not c.get("pool"):
         raise DinoforgeError("curation config needs `pool` (an image folder, file list or bundled[:split])")
-    return merged
+    c["pool"] = _path("pool", c["pool"])
+    curated = c["curated"] or {}
+    if not isinstance(curated, dict):
+        raise _fail("curated", "a mapping of source name -> image folder or file list", curated)
+    c["curated"] = {str(name): _path(f"curated.{name}", spec) for name, spec in curated.items()}
+    test = c["test"] or []
+    c["test"] = [_path(f"test[{i}]", t) for i, t in enumerate(test if isinstance(test, list) else [test])]
+    for key in ("model", "device"):
+        if not isinstance(c[key], str) or not c[key]:
+            raise _fail(key, "a non-empty string", c[key])
+    c["weights"] = _path("weights", c["weights"], optional=True)
+    for key in ("batch_size", "shard_size"):
+        _int(key, c[key], 1)
+    _int("seed", c["seed"], 0)
+    if not isinstance(c["gpu"], bool):
+        raise _fail("gpu", "true or false", c["gpu"])
+    d = c["dedup"]
+    d["threshold"] = _float("dedup.threshold", d["threshold"], -1.0, 1.0)
+    d["test_threshold"] = _float("dedup.test_threshold", d["test_threshold"], -1.0, 1.0)
+    _choice("dedup.index", d["index"], ("flat", "ivf", "ivfpq"))
+    _int("dedup.k", d["k"], 1, optional=True)
+    r = c["retrieve"]
+    _int("retrieve.k", r["k"], 1)
+    _int("retrieve.m", r["m"], 1)
+    _int("retrieve.sample_min_size", r["sample_min_size"], 0)
+    k = c["cluster"]
+    k["levels"] = _ints("cluster.levels", k["levels"], 1, scalar_ok=True)
+    if isinstance(k["levels"], int):
+        k["levels"] = [k["levels"]]
+    _int("cluster.niter", k["niter"], 1)
+    _ints("cluster.resample_steps", k["resample_steps"], 0, scalar_ok=True)
+    _ints("cluster.sample_sizes", k["sample_sizes"], 0, scalar_ok=True, optional=True)
+    _choice("cluster.engine", k["engine"], ("auto", "faiss", "lloyd"))
+    _int("sample.target_size", c["sample"]["target_size"], 1, optional=True)
+    _choice("sample.strategy", c["sample"]["strategy"], ("random", "closest"))
+    for key in ("clusters", "per_cluster", "duplicates"):
+        _int(f"montage.{key}", c["montage"][key], 0)
+    return c
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """Defaults merged with a YAML file and `key=value` overrides. Unknown keys (at any depth, named with
+    close matches), values of the wrong type or range, invalid YAML and bad overrides are one-line
+    DinoforgeErrors."""
+    merged: dict[str, Any] = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        merged = _merge(merged, _check_keys(_load_yaml(path), str(path)))
+    if overrides:
+        merged = _merge(merged, _check_keys(_parse_overrides(list(overrides)), "command-line overrides"))
+    resolved = _to_container(OmegaConf.create(merged), "curation config", resolve=True)
+    return OmegaConf.create(_check_values(resolved))
 
 
 def write_manifest(path: str | Path, records: list[dict[str, Any]]) -> Path:
-    """Write one JSON object per line (atomic): the format FileListDataset reads."""
-    data = "".join(json.dumps(r) + "\n" for r in records).encode()
+    """Write one JSON object per line (atomic): the format FileListDataset reads. Image paths ("path",
+    "duplicate_of") are written absolute: FileListDataset resolves a relative path against the manifest's
+    folder, not against the folder the images were found from."""
+    keys = ("path", "duplicate_of")
+    lines = []
+    for r in records:
+        r = {k: absolute_name(v) if k in keys and isinstance(v, str) else v for k, v in r.items()}
+        lines.append(json.dumps(r) + "\n")
+    data = "".join(lines).encode()
     atomic_write(Path(path), lambda f: f.write(data))
     return Path(path)
 

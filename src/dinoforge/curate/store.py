@@ -8,6 +8,7 @@ read in batches and never materialised whole.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,22 @@ import numpy as np
 from dinoforge.utils import DinoforgeError
 
 Data = np.ndarray | Sequence[np.ndarray]
+
+
+def absolute_name(name: str) -> str:
+    """An image name as an absolute path (relative paths are taken against the current folder), so shard
+    lists and manifests do not depend on where a later command runs. Symlinks are kept (their names are what
+    the user gave); names of built-in datasets (`bundled:train/17`) are not paths and stay as they are."""
+    if os.path.isabs(name) or (name.startswith(("bundled:", "bundled-full:")) and not os.path.exists(name)):
+        return name
+    return os.path.abspath(name)
+
+
+def describe_identity(identity: dict | None) -> str:
+    """One line naming the embedder recorded in a shard (see `curate.embed.embedder_identity`)."""
+    if not identity:
+        return "an unrecorded model (shards written before dinoforge recorded the embedder)"
+    return ", ".join(f"{k}={v}" for k, v in identity.items())
 
 
 def _parts(data: Data) -> list[np.ndarray]:
@@ -103,8 +120,22 @@ class EmbeddingStore:
         if not metas:
             raise DinoforgeError(f"no embedding shards in {root} (run `dinoforge curate embed` first)")
         shards, paths, skipped = [], [], []
+        first: tuple[Path, dict | None] | None = None
         for meta_path in metas:
-            meta = json.loads(meta_path.read_text())
+            try:
+                meta = json.loads(meta_path.read_text())
+                ok = isinstance(meta, dict) and isinstance(meta.get("paths"), list)
+            except (OSError, ValueError):
+                ok = False
+            if not ok or not isinstance(meta.get("skipped"), list):
+                raise DinoforgeError(f"{meta_path} is not a readable embedding shard (delete it and re-embed)")
+            if first is None:
+                first = (meta_path, meta.get("embedder"))
+            elif meta.get("embedder") != first[1]:
+                raise DinoforgeError(
+                    f"{root} mixes embeddings of different models: {first[0].name} from "
+                    f"{describe_identity(first[1])}, {meta_path.name} from {describe_identity(meta.get('embedder'))}"
+                )
             arr = np.load(meta_path.with_suffix(".npy"), mmap_mode="r")
             if arr.shape[0] != len(meta["paths"]):
                 raise DinoforgeError(f"{meta_path}: {arr.shape[0]} vectors but {len(meta['paths'])} paths")
