@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
+from typing import NoReturn
 
 import typer
 
@@ -30,13 +32,42 @@ app.add_typer(curate_app, name="curate")
 app.add_typer(export_app, name="export")
 
 
+def _click_exception_classes() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(ClickException, NoArgsIsHelpError, Abort) classes of the click that typer really raises, plus `click`'s.
+
+    typer >= 0.20 bundles its own click copy (`typer._click`), whose exceptions do not derive from `click`'s;
+    older typer raises `click`'s own. Collect whichever of the two are importable."""
+    errors: list[type] = []
+    no_args: list[type] = []
+    aborts: list[type] = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        errors += [c for c in (getattr(mod, "ClickException", None),) if isinstance(c, type)]
+        no_args += [c for c in (getattr(mod, "NoArgsIsHelpError", None),) if isinstance(c, type)]
+        aborts += [c for c in (getattr(mod, "Abort", None),) if isinstance(c, type)]
+    aborts += [c for c in (getattr(typer, "Abort", None),) if isinstance(c, type)]
+    return tuple(errors), tuple(no_args), tuple(aborts)
+
+
+def _one_line(message: object) -> str:
+    """The message on a single line (the project rule: one `error: ...` line on stderr)."""
+    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+def _fail(message: object) -> NoReturn:
+    print(f"error: {_one_line(message)}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main() -> None:
     """Run the CLI; user errors become one line on stderr and exit code 2."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # a typer.Exit(code) raised in a command comes back as its code
     except DinoforgeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(e)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
@@ -45,14 +76,24 @@ def main() -> None:
     except SystemExit:
         raise
     except Exception as e:  # click usage errors and friends
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+        click_errors, no_args_errors, aborts = _click_exception_classes()
+        if no_args_errors and isinstance(e, no_args_errors):  # bare `dinoforge` / `dinoforge eval`: the help
             e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+            sys.exit(2)
+        if click_errors and isinstance(e, click_errors):
+            format_message = getattr(e, "format_message", None)
+            message = format_message() if callable(format_message) else str(e)
+            ctx = getattr(e, "ctx", None)
+            command_path = getattr(ctx, "command_path", None)
+            if command_path:
+                message = f"{message} (see '{command_path} --help')"
+            _fail(message)
+        if aborts and isinstance(e, aborts):
+            print("aborted", file=sys.stderr)
             sys.exit(1)
         raise
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,14 @@ from importlib import resources
 from pathlib import Path
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, GrammarParseError
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    GrammarParseError,
+    InterpolationResolutionError,
+    OmegaConfBaseException,
+)
 
 from dinoforge.utils import DinoforgeError
 
@@ -37,12 +43,14 @@ def _flat_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
 
 def _unknown_keys(user: DictConfig, default: DictConfig, prefix: str = "") -> list[str]:
     bad = []
-    for k, v in user.items():
+    for k in user:  # nodes, not values: an interpolation is not resolved here (its target may be elsewhere)
         full = f"{prefix}{k}"
         if k not in default:
             bad.append(full)
-        elif isinstance(v, DictConfig) and isinstance(default[k], DictConfig):
-            bad += _unknown_keys(v, default[k], full + ".")
+            continue
+        v, ref = user._get_node(k), default._get_node(k)
+        if isinstance(v, DictConfig) and isinstance(ref, DictConfig):
+            bad += _unknown_keys(v, ref, full + ".")
     return bad
 
 
@@ -60,6 +68,76 @@ def _check_keys(user: DictConfig, default: DictConfig, source: str) -> None:
     raise DinoforgeError(f"unknown config key in {source}: {'; '.join(parts)}")
 
 
+# Keys whose default is null ("use the preset") but whose value, when given, has a fixed type.
+_NULLABLE_TYPES = {"student.embed_dim": int, "student.depth": int, "student.num_heads": int}
+
+
+def _kind(value: object) -> str:
+    """The type name used in messages: bool, int, float, str, list, mapping or null."""
+    if value is None:
+        return "null"
+    if isinstance(value, DictConfig | dict):
+        return "mapping"
+    if isinstance(value, ListConfig | list | tuple):
+        return "list"
+    return type(value).__name__
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _type_problem(value: object, default: object) -> str | None:
+    """Why `value` cannot replace `default` (None when it can). Numbers are interchangeable (int defaults such as
+    `teacher.final_momentum_teacher: 1` take floats), a null default takes any scalar, an empty-string default
+    takes null, a list must hold numbers where the default list does."""
+    if default is None:
+        return "a scalar or null" if isinstance(value, DictConfig | ListConfig) else None
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "a bool (true/false)"
+    if _is_number(default):
+        return None if _is_number(value) else f"a number ({type(default).__name__})"
+    if isinstance(default, str):  # an empty default means "unset", which null says too
+        ok = isinstance(value, str) or _is_number(value) or (value is None and default == "")
+        return None if ok else "a string"
+    if isinstance(default, ListConfig):
+        if not isinstance(value, ListConfig):
+            return "a list"
+        if len(default) and all(_is_number(x) for x in default) and not all(_is_number(x) for x in value):
+            return "a list of numbers"
+        return None
+    return None
+
+
+def _check_types(user: DictConfig, default: DictConfig, source: str, prefix: str = "") -> None:
+    """Each value of `user` must have the type of the default it replaces: `optim.epochs=abc` fails here, naming
+    the key, rather than deep inside training."""
+    for k in user:
+        full = f"{prefix}{k}"
+        if k not in default or OmegaConf.is_missing(user, k) or OmegaConf.is_interpolation(user, k):
+            continue
+        value = user._get_node(k)
+        value = value if isinstance(value, DictConfig | ListConfig) else value._value()
+        ref = default._get_node(k)
+        ref = ref if isinstance(ref, DictConfig | ListConfig) else ref._value()
+        if isinstance(ref, DictConfig):
+            if not isinstance(value, DictConfig):
+                raise DinoforgeError(f"config key {full!r} in {source} must be a mapping, got {_kind(value)} {value!r}")
+            _check_types(value, ref, source, full + ".")
+            continue
+        nullable = _NULLABLE_TYPES.get(full)
+        if ref is None and nullable is not None:
+            ok = value is None or (isinstance(value, nullable) and not isinstance(value, bool))
+            problem = None if ok else f"{'an' if nullable is int else 'a'} {nullable.__name__} or null"
+        else:
+            problem = _type_problem(value, ref)
+        if problem:
+            shown = OmegaConf.to_container(value) if isinstance(value, DictConfig | ListConfig) else value
+            raise DinoforgeError(
+                f"config key {full!r} in {source} must be {problem}, got {_kind(value)} {shown!r} (default: {ref!r})"
+            )
+
+
 def _load_file(config: str | Path) -> DictConfig:
     if str(config) in PRESETS:
         return _package_yaml(str(config))
@@ -68,8 +146,16 @@ def _load_file(config: str | Path) -> DictConfig:
         raise DinoforgeError(f"config not found: {config} (a YAML file or a preset: {', '.join(PRESETS)})")
     try:
         loaded = OmegaConf.load(path)
+    except yaml.MarkedYAMLError as e:
+        where = f" (line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1})" if e.problem_mark else ""
+        what = e.problem or e.context or str(e).splitlines()[0]
+        raise DinoforgeError(f"config {path} is not valid YAML: {what}{where}") from None
     except (yaml.YAMLError, GrammarParseError) as e:
         raise DinoforgeError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError as e:
+        raise DinoforgeError(f"config {path} is not a UTF-8 text file: {e.reason} at byte {e.start}") from None
+    except OSError as e:
+        raise DinoforgeError(f"cannot read config {path}: {e.strerror or e}") from None
     if not isinstance(loaded, DictConfig):
         raise DinoforgeError(f"config {path} must be a YAML mapping")
     return loaded
@@ -81,6 +167,7 @@ def load_config(config: str | Path | None = None, overrides: Sequence[str] = ())
     if config:
         user = _load_file(config)
         _check_keys(user, cfg, str(config))
+        _check_types(user, cfg, str(config))
         cfg = OmegaConf.merge(cfg, user)
     if overrides:
         bad = [o for o in overrides if "=" not in o]
@@ -91,6 +178,13 @@ def load_config(config: str | Path | None = None, overrides: Sequence[str] = ())
         except (GrammarParseError, ConfigKeyError, ConfigAttributeError) as e:
             raise DinoforgeError(f"bad override: {str(e).splitlines()[0]}") from None
         _check_keys(dot, cfg, "command-line overrides")
+        _check_types(dot, default_config(), "command-line overrides")
         cfg = OmegaConf.merge(cfg, dot)
+    try:  # a `${...}` interpolation that points nowhere fails now, not mid-run
+        OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationResolutionError as e:
+        raise DinoforgeError(f"bad config interpolation: {str(e).splitlines()[0]}") from None
+    except OmegaConfBaseException as e:
+        raise DinoforgeError(f"bad config: {str(e).splitlines()[0]}") from None
     OmegaConf.set_struct(cfg, True)
     return cfg

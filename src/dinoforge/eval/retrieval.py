@@ -106,17 +106,38 @@ def labelled_retrieval(feats: torch.Tensor, labels: torch.Tensor, ks: Sequence[i
 
 
 def load_ground_truth(path: str | Path) -> dict:
-    """Read and check a ground-truth JSON in the format of this module's docstring."""
-    data = json.loads(require_file(path, "ground-truth file").read_text())
+    """Read and check a ground-truth JSON in the format of this module's docstring; any defect is a one-line
+    DinoforgeError naming the file."""
+    p = require_file(path, "ground-truth file")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DinoforgeError(f"{path}: not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise DinoforgeError(f"{path}: not a UTF-8 JSON file: {e.reason} at byte {e.start}") from None
+    except OSError as e:
+        raise DinoforgeError(f"{path}: cannot read the ground-truth file: {e.strerror or e}") from None
+    if not isinstance(data, dict):
+        raise DinoforgeError(f"{path}: the ground truth must be a JSON object with query, db, gnd")
     for key in ("query", "db", "gnd"):
         if key not in data:
             raise DinoforgeError(f"{path}: missing key {key!r} (expected query, db, gnd)")
+    for key in ("query", "db"):
+        if not isinstance(data[key], list) or not all(isinstance(x, str) for x in data[key]):
+            raise DinoforgeError(f"{path}: {key!r} must be a list of image paths (strings)")
+    if not isinstance(data["gnd"], list):
+        raise DinoforgeError(f"{path}: 'gnd' must be a list with one object per query")
     if len(data["gnd"]) != len(data["query"]):
         raise DinoforgeError(f"{path}: {len(data['query'])} queries but {len(data['gnd'])} gnd entries")
     n_db = len(data["db"])
     for q, g in enumerate(data["gnd"]):
+        if not isinstance(g, dict):
+            raise DinoforgeError(f"{path}: gnd entry {q} must be an object with easy/hard/junk index lists")
         for key in ("easy", "hard", "junk"):
-            bad = [i for i in g.get(key, []) if not 0 <= int(i) < n_db]
+            idx = g.get(key, [])
+            if not isinstance(idx, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in idx):
+                raise DinoforgeError(f"{path}: query {q} {key!r} must be a list of integer database indices")
+            bad = [i for i in idx if not 0 <= i < n_db]
             if bad:
                 raise DinoforgeError(f"{path}: query {q} {key} indices out of range: {bad[:5]}")
     return data

@@ -154,23 +154,49 @@ def arch_to_hf_config(arch: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def hf_config_to_arch(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Constructor keywords for a HF DINOv2 config (registers get the official offset-0 antialiased mode)."""
+def _config_int(cfg: dict[str, Any], key: str, source: str, default: int | None = None, minimum: int = 1) -> int:
+    """cfg[key] as an int >= minimum (a float such as 4.0 counts), else a one-line error naming `source`."""
+    if key not in cfg or cfg[key] is None:
+        if default is None:
+            raise DinoforgeError(f"{source}: missing required field {key!r}")
+        return default
+    value = cfg[key]
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and float(value) == int(value)
+    if not ok or int(value) < minimum:
+        raise DinoforgeError(f"{source}: field {key!r} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def hf_config_to_arch(cfg: dict[str, Any], source: str = "config.json") -> dict[str, Any]:
+    """Constructor keywords for a HF DINOv2 config (registers get the official offset-0 antialiased mode).
+
+    A missing or ill-typed field raises a one-line DinoforgeError naming `source` and the field."""
+    if not isinstance(cfg, dict):
+        raise DinoforgeError(f"{source}: must hold a JSON object, got {type(cfg).__name__}")
     if cfg.get("model_type") not in ("dinov2", "dinov2_with_registers"):
-        raise DinoforgeError(f"not a DINOv2 config (model_type={cfg.get('model_type')!r})")
+        raise DinoforgeError(f"{source}: not a DINOv2 config (model_type={cfg.get('model_type')!r})")
     if cfg.get("hidden_act", "gelu") != "gelu" and not cfg.get("use_swiglu_ffn"):
-        raise DinoforgeError(f"unsupported hidden_act {cfg['hidden_act']!r} (only gelu)")
-    regs = int(cfg.get("num_register_tokens", 0)) if cfg["model_type"] == "dinov2_with_registers" else 0
+        raise DinoforgeError(f"{source}: unsupported hidden_act {cfg['hidden_act']!r} (only gelu)")
+    regs = _config_int(cfg, "num_register_tokens", source, 0, 0) if cfg["model_type"] == "dinov2_with_registers" else 0
+    embed_dim = _config_int(cfg, "hidden_size", source)
+    num_heads = _config_int(cfg, "num_attention_heads", source)
+    if embed_dim % num_heads:
+        raise DinoforgeError(f"{source}: hidden_size {embed_dim} is not divisible by num_attention_heads {num_heads}")
+    mlp_ratio = cfg.get("mlp_ratio", 4)
+    init_values = cfg.get("layerscale_value", 1.0)
+    for key, value in (("mlp_ratio", mlp_ratio), ("layerscale_value", init_values)):
+        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+            raise DinoforgeError(f"{source}: field {key!r} must be a positive number, got {value!r}")
     return dict(
-        img_size=cfg.get("image_size", 518),
-        patch_size=cfg.get("patch_size", 14),
-        in_chans=cfg.get("num_channels", 3),
-        embed_dim=cfg["hidden_size"],
-        depth=cfg["num_hidden_layers"],
-        num_heads=cfg["num_attention_heads"],
-        mlp_ratio=cfg.get("mlp_ratio", 4),
-        qkv_bias=cfg.get("qkv_bias", True),
-        init_values=cfg.get("layerscale_value", 1.0),
+        img_size=_config_int(cfg, "image_size", source, 518),
+        patch_size=_config_int(cfg, "patch_size", source, 14),
+        in_chans=_config_int(cfg, "num_channels", source, 3),
+        embed_dim=embed_dim,
+        depth=_config_int(cfg, "num_hidden_layers", source),
+        num_heads=num_heads,
+        mlp_ratio=mlp_ratio,
+        qkv_bias=bool(cfg.get("qkv_bias", True)),
+        init_values=init_values,
         ffn_layer="swiglufused" if cfg.get("use_swiglu_ffn") else "mlp",
         block_chunks=0,
         num_register_tokens=regs,
@@ -183,13 +209,17 @@ def read_hf_folder(folder: str | Path) -> tuple[dict[str, Tensor], dict[str, Any
     """Official-key state dict and architecture from a HF folder (config.json + safetensors or .bin)."""
     folder = Path(folder)
     cfg_path = folder / "config.json"
-    if not cfg_path.exists():
+    if not cfg_path.is_file():
         raise DinoforgeError(f"{folder} is a folder but has no config.json (not a Hugging Face model folder)")
     try:
-        cfg = json.loads(cfg_path.read_text())
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise DinoforgeError(f"cannot parse {cfg_path}: {e}") from None
-    arch = hf_config_to_arch(cfg)
+        raise DinoforgeError(f"{cfg_path} is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise DinoforgeError(f"{cfg_path} is not a UTF-8 JSON file: {e.reason} at byte {e.start}") from None
+    except OSError as e:
+        raise DinoforgeError(f"cannot read {cfg_path}: {e.strerror or e}") from None
+    arch = hf_config_to_arch(cfg, source=f"Hugging Face folder {folder}: config.json")
     files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
     if not files:
         raise DinoforgeError(f"no model.safetensors or pytorch_model.bin in {folder}")
