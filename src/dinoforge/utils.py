@@ -99,3 +99,40 @@ def require_file(path: str | Path, what: str = "file") -> Path:
 
 def eprint(*args: Any) -> None:
     print(*args, file=sys.stderr)
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """Parse the JSON file `path`; any defect is a one-line DinoforgeError naming `what` and the file."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DinoforgeError(f"{what} {path} is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise DinoforgeError(f"{what} {path} is not a UTF-8 JSON file: {e.reason} at byte {e.start}") from None
+    except OSError as e:
+        raise DinoforgeError(f"cannot read {what} {path}: {e.strerror or e}") from None
+
+
+def read_yaml(path: str | Path, what: str):
+    """Load the YAML file `path` as an OmegaConf DictConfig; any defect (bad YAML with its line and column, not
+    UTF-8, unreadable, not a mapping) is a one-line DinoforgeError naming `what` and the file."""
+    import yaml
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = e.problem or e.context or str(e).splitlines()[0]
+        raise DinoforgeError(f"{what} {path} is not valid YAML: {problem}{where}") from None
+    except (yaml.YAMLError, OmegaConfBaseException) as e:
+        raise DinoforgeError(f"{what} {path} is not valid YAML: {str(e).strip().splitlines()[0]}") from None
+    except UnicodeDecodeError as e:
+        raise DinoforgeError(f"{what} {path} is not a UTF-8 text file: {e.reason} at byte {e.start}") from None
+    except OSError as e:
+        raise DinoforgeError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    if not isinstance(loaded, DictConfig):
+        raise DinoforgeError(f"{what} {path} must be a YAML mapping of keys")
+    return loaded

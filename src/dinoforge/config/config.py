@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
-import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import (
     ConfigAttributeError,
@@ -17,7 +16,7 @@ from omegaconf.errors import (
     OmegaConfBaseException,
 )
 
-from dinoforge.utils import DinoforgeError
+from dinoforge.utils import DinoforgeError, read_yaml
 
 PRESETS = ("demo", "vits14", "vitb14", "vitl14", "vitl16_short", "vitg14")
 
@@ -144,21 +143,7 @@ def _load_file(config: str | Path) -> DictConfig:
     path = Path(config)
     if not path.is_file():
         raise DinoforgeError(f"config not found: {config} (a YAML file or a preset: {', '.join(PRESETS)})")
-    try:
-        loaded = OmegaConf.load(path)
-    except yaml.MarkedYAMLError as e:
-        where = f" (line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1})" if e.problem_mark else ""
-        what = e.problem or e.context or str(e).splitlines()[0]
-        raise DinoforgeError(f"config {path} is not valid YAML: {what}{where}") from None
-    except (yaml.YAMLError, GrammarParseError) as e:
-        raise DinoforgeError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    except UnicodeDecodeError as e:
-        raise DinoforgeError(f"config {path} is not a UTF-8 text file: {e.reason} at byte {e.start}") from None
-    except OSError as e:
-        raise DinoforgeError(f"cannot read config {path}: {e.strerror or e}") from None
-    if not isinstance(loaded, DictConfig):
-        raise DinoforgeError(f"config {path} must be a YAML mapping")
-    return loaded
+    return read_yaml(path, "config")
 
 
 def load_config(config: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:

@@ -22,7 +22,7 @@ from dinoforge.curate.kmeans import Hierarchy, hierarchical_kmeans
 from dinoforge.curate.retrieve import retrieve
 from dinoforge.curate.sample import balanced_sample, size_entropy
 from dinoforge.curate.store import EmbeddingStore, absolute_name, take_rows
-from dinoforge.utils import DinoforgeError, atomic_write, eprint, write_json
+from dinoforge.utils import DinoforgeError, atomic_write, eprint, read_yaml, write_json
 
 DEFAULTS: dict[str, Any] = {
     "pool": None,
@@ -103,15 +103,7 @@ def _load_yaml(path: str | Path) -> dict[Any, Any]:
     p = require_file(path, "curation config")
     if not p.is_file():
         raise DinoforgeError(f"curation config {p} is not a file")
-    try:
-        loaded = OmegaConf.load(p)
-    except yaml.MarkedYAMLError as e:
-        where = f" at line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1}" if e.problem_mark else ""
-        raise DinoforgeError(f"curation config {p} is not valid YAML{where}: {e.problem or e.context}") from None
-    except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError, OSError) as e:
-        raise DinoforgeError(f"curation config {p} cannot be read: {_first_line(e)}") from None
-    if not isinstance(loaded, DictConfig):
-        raise DinoforgeError(f"curation config {p} must be a YAML mapping of keys (see configs/curate_default.yaml)")
+    loaded = read_yaml(p, "curation config")
     return _to_container(loaded, f"curation config {p}")
 
 

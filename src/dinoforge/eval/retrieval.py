@@ -15,7 +15,6 @@ revisitop trapezoidal rule: sum over positives j (0-based, at rank r after remov
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import typer
 
 from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, WeightsOpt
 from dinoforge.eval.features import CacheOpt, ImageSizeOpt, features_from_opts, path_list_features
-from dinoforge.utils import DinoforgeError, require_file, write_json
+from dinoforge.utils import DinoforgeError, read_json, require_file, write_json
 
 PROTOCOLS = {
     "easy": (("easy",), ("junk", "hard")),
@@ -109,14 +108,7 @@ def load_ground_truth(path: str | Path) -> dict:
     """Read and check a ground-truth JSON in the format of this module's docstring; any defect is a one-line
     DinoforgeError naming the file."""
     p = require_file(path, "ground-truth file")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DinoforgeError(f"{path}: not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
-    except UnicodeDecodeError as e:
-        raise DinoforgeError(f"{path}: not a UTF-8 JSON file: {e.reason} at byte {e.start}") from None
-    except OSError as e:
-        raise DinoforgeError(f"{path}: cannot read the ground-truth file: {e.strerror or e}") from None
+    data = read_json(p, "ground-truth file")
     if not isinstance(data, dict):
         raise DinoforgeError(f"{path}: the ground truth must be a JSON object with query, db, gnd")
     for key in ("query", "db", "gnd"):

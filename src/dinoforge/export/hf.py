@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dinoforge.utils import DinoforgeError
+from dinoforge.utils import DinoforgeError, read_json
 
 _LAYER = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
 _HF_BLOCK_NAMES = {
@@ -211,14 +211,7 @@ def read_hf_folder(folder: str | Path) -> tuple[dict[str, Tensor], dict[str, Any
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise DinoforgeError(f"{folder} is a folder but has no config.json (not a Hugging Face model folder)")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DinoforgeError(f"{cfg_path} is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
-    except UnicodeDecodeError as e:
-        raise DinoforgeError(f"{cfg_path} is not a UTF-8 JSON file: {e.reason} at byte {e.start}") from None
-    except OSError as e:
-        raise DinoforgeError(f"cannot read {cfg_path}: {e.strerror or e}") from None
+    cfg = read_json(cfg_path, "Hugging Face config")
     arch = hf_config_to_arch(cfg, source=f"Hugging Face folder {folder}: config.json")
     files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
     if not files:
