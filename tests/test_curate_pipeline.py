@@ -158,23 +158,24 @@ def test_empty_inputs_raise_clear_errors(tmp_path):
         load_config(None, [])
 
 
+def _overrides(tmp_path, pool):
+    """The pipeline settings of the tests over the sets of `_make_sets`, as key=value overrides."""
+    return [
+        f"pool={pool}",
+        f"curated.cat={tmp_path / 'cat'}",
+        f"test=[{tmp_path / 'test'}]",
+        "cluster.levels=[24,6]",
+        "cluster.engine=lloyd",
+        "cluster.niter=10",
+        "sample.target_size=80",
+        "retrieve.m=5",
+        "shard_size=64",
+        "device=cpu",
+    ]
+
+
 def _config(tmp_path, pool, extra=()):
-    return load_config(
-        None,
-        [
-            f"pool={pool}",
-            f"curated.cat={tmp_path / 'cat'}",
-            f"test=[{tmp_path / 'test'}]",
-            "cluster.levels=[24,6]",
-            "cluster.engine=lloyd",
-            "cluster.niter=10",
-            "sample.target_size=80",
-            "retrieve.m=5",
-            "shard_size=64",
-            "device=cpu",
-            *extra,
-        ],
-    )
+    return load_config(None, [*_overrides(tmp_path, pool), *extra])
 
 
 def _make_sets(tmp_path):
@@ -216,18 +217,7 @@ def test_pipeline_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_one_vs_two_processes_same_manifest(tmp_path):
     _make_sets(tmp_path)
-    overrides = [
-        f"pool={tmp_path / 'pool'}",
-        f"curated.cat={tmp_path / 'cat'}",
-        f"test=[{tmp_path / 'test'}]",
-        "cluster.levels=[24,6]",
-        "cluster.engine=lloyd",
-        "cluster.niter=10",
-        "sample.target_size=80",
-        "retrieve.m=5",
-        "shard_size=64",
-        "device=cpu",
-    ]
+    overrides = _overrides(tmp_path, tmp_path / "pool")
     env = os.environ | {"DINOFORGE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
     outs = {}
     for n in (1, 2):
