@@ -5,7 +5,6 @@ instead of mixing embeddings of two models in one folder."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from datetime import UTC, datetime
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from dinoforge.curate.store import absolute_name, describe_identity
+from dinoforge.curate.store import absolute_name, describe_identity, read_shard_meta
 from dinoforge.utils import DinoforgeError, eprint, write_json
 
 PIXEL_IMAGE_SIZE = 64  # the pixel descriptor's input: images resized to 64x64
@@ -150,13 +149,8 @@ def embed_dataset(
 
 def _check_resumable(meta_path: Path, part: _Slice, identity: dict[str, Any]) -> None:
     """A finished shard may be reused only if the same embedder produced it from the same images."""
-    try:
-        meta = json.loads(meta_path.read_text())
-        done = list(meta["paths"]) + list(meta["skipped"])
-    except (OSError, ValueError, KeyError, TypeError):
-        raise DinoforgeError(
-            f"{meta_path} is not a readable embedding shard: delete it (and its .npy) to embed that shard again"
-        ) from None
+    meta = read_shard_meta(meta_path)
+    done = meta["paths"] + meta["skipped"]
     folder = meta_path.parent
     if meta.get("embedder") != identity:
         raise DinoforgeError(

@@ -36,6 +36,19 @@ def describe_identity(identity: dict | None) -> str:
     return ", ".join(f"{k}={v}" for k, v in identity.items())
 
 
+def read_shard_meta(meta_path: Path) -> dict:
+    """A finished shard's `.json` (paths, skipped, embedder); a damaged one is a one-line DinoforgeError."""
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        meta = None
+    if not (isinstance(meta, dict) and isinstance(meta.get("paths"), list) and isinstance(meta.get("skipped"), list)):
+        raise DinoforgeError(
+            f"{meta_path} is not a readable embedding shard: delete it (and its .npy) to embed that shard again"
+        )
+    return meta
+
+
 def _parts(data: Data) -> list[np.ndarray]:
     return [data] if isinstance(data, np.ndarray) else list(data)
 
@@ -122,13 +135,7 @@ class EmbeddingStore:
         shards, paths, skipped = [], [], []
         first: tuple[Path, dict | None] | None = None
         for meta_path in metas:
-            try:
-                meta = json.loads(meta_path.read_text())
-                ok = isinstance(meta, dict) and isinstance(meta.get("paths"), list)
-            except (OSError, ValueError):
-                ok = False
-            if not ok or not isinstance(meta.get("skipped"), list):
-                raise DinoforgeError(f"{meta_path} is not a readable embedding shard (delete it and re-embed)")
+            meta = read_shard_meta(meta_path)
             if first is None:
                 first = (meta_path, meta.get("embedder"))
             elif meta.get("embedder") != first[1]:

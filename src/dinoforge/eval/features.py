@@ -58,9 +58,7 @@ def model_fingerprint(model: torch.nn.Module, weights: str | Path | None = None)
     """Identify a backbone: weights file by resolved path + mtime + size, else by its state-dict bytes."""
     if weights is not None and Path(weights).exists():
         p = Path(weights).resolve()
-        files = sorted(p.rglob("*")) if p.is_dir() else [p]
-        stats = [(str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.is_file()]
-        return "file:" + hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+        return "file:" + _files_hash([f for f in sorted(p.rglob("*")) if f.is_file()] if p.is_dir() else [p])
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
@@ -141,10 +139,10 @@ def eval_transform_for(spec: str, image_size: int | None, patch_size: int) -> tu
     return eval_transform(resize=round(crop * 256 / 224), crop=crop), 0
 
 
-def _files_id(dataset: Dataset) -> str:
-    """Hash of (path, size, mtime) of a path-based dataset's files ("" for the bundled set)."""
+def _files_hash(paths) -> str:
+    """Hash of (path, size, mtime) of files, so that a file rewritten in place changes it."""
     h = hashlib.sha256()
-    for p in getattr(dataset, "paths", []):
+    for p in paths:
         try:
             st = os.stat(p)
             h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -177,7 +175,8 @@ def dataset_features(
         raise DinoforgeError(f"no images found in {spec}")
     source = getattr(dataset, "root", None) or getattr(dataset, "manifest", None)
     data_id = data_id or (str(Path(source).resolve()) if source else f"{spec}|{split}")
-    data_key = f"{data_id}|{len(dataset)}|{getattr(dataset, 'classes', [])}|{_files_id(dataset)}"
+    files = _files_hash(getattr(dataset, "paths", []))  # the bundled set has no files: a constant
+    data_key = f"{data_id}|{len(dataset)}|{getattr(dataset, 'classes', [])}|{files}"
     key = feature_key(fingerprint, data_key, f"{transform!r}|{canvas}")
     dev = next(net.parameters()).device
     n_last_blocks = min(n_last_blocks, int(getattr(net, "n_blocks", n_last_blocks)))
