@@ -54,9 +54,10 @@ def embed_cmd(
     device: DeviceOpt = "auto",
 ) -> None:
     """Embed images into float16 shards (resumable; under torchrun each rank embeds its own shards)."""
-    from dinoforge.curate.embed import embed_images, init_distributed
+    from dinoforge.curate.embed import embed_images
+    from dinoforge.train.distributed import init_from_env
 
-    init_distributed()
+    init_from_env()
     stats = embed_images(data, out, model, weights, shard_size, batch_size, device)
     typer.echo(
         f"embedded {stats['embedded']} images, skipped {stats['skipped']} unreadable, "
@@ -141,13 +142,13 @@ def cluster_cmd(
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
     """Hierarchical k-means with resampling over pool embeddings (distributed under torchrun)."""
-    from dinoforge.curate.embed import init_distributed
     from dinoforge.curate.kmeans import hierarchical_kmeans
     from dinoforge.curate.pipeline import montage
     from dinoforge.curate.sample import size_entropy
     from dinoforge.curate.store import EmbeddingStore
+    from dinoforge.train.distributed import init_from_env
 
-    init_distributed()
+    init_from_env()
     pool = EmbeddingStore.open(emb)
     ks = _ints(levels, "--levels")
     steps, sizes = _ints(resample_steps, "--resample-steps"), _ints(sample_sizes, "--sample-sizes")
@@ -265,9 +266,9 @@ def run_cmd(
     ] = None,
 ) -> None:
     """Run the whole pipeline from one config: manifest.jsonl (for `dinoforge train --data`) + report."""
-    from dinoforge.curate.embed import init_distributed
     from dinoforge.curate.pipeline import load_config, run_pipeline
+    from dinoforge.train.distributed import init_from_env
 
-    init_distributed()
+    init_from_env()
     report = run_pipeline(load_config(config, overrides), out)
     typer.echo(f"manifest with {report['manifest_images']} images: {out / 'manifest.jsonl'}")

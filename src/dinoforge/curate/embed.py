@@ -72,12 +72,6 @@ def rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def init_distributed() -> None:
-    """Join the torchrun process group (gloo on CPU, nccl on GPU) when launched with WORLD_SIZE > 1."""
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and dist.is_available() and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-
-
 def embed_dataset(
     model: nn.Module,
     dataset: Dataset,

@@ -19,7 +19,7 @@ import typer
 
 from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, WeightsOpt
 from dinoforge.eval.features import CacheOpt, ImageSizeOpt, TrainDataOpt, ValDataOpt, features_from_opts
-from dinoforge.utils import DinoforgeError, resolve_device, write_json
+from dinoforge.utils import DinoforgeError, write_json
 
 
 def _merge_topk(
@@ -193,14 +193,12 @@ def knn_evaluate(
 
 def _torchrun_shard(device: str) -> tuple[int, int] | None:
     """(rank, world) under torchrun (WORLD_SIZE > 1), starting the process group if needed; else None."""
+    from dinoforge.train import distributed
+
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
-    if not dist.is_initialized():
-        dev = resolve_device(device)
-        if dev.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size()
+    distributed.init_from_env(device)
+    return distributed.rank(), distributed.world_size()
 
 
 def knn_command(

@@ -26,9 +26,12 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def init_from_env() -> torch.device:
-    """Join the torchrun process group when WORLD_SIZE > 1 and return this process's device."""
-    use_cuda = torch.cuda.is_available()
+def init_from_env(device: str | None = None) -> torch.device:
+    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU) and return this process's
+    device: `device` ("auto"/None: CUDA when present) with the CUDA index taken from LOCAL_RANK."""
+    from dinoforge.utils import resolve_device
+
+    use_cuda = resolve_device(device).type == "cuda"
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:
         torch.cuda.set_device(local_rank)
