@@ -8,7 +8,8 @@ from dinov2.data.augmentations import DataAugmentationDINO as OfficialAugmentati
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-from dinoforge.data.augment import DataAugmentationDINO
+from dinoforge.data import augment as augment_module
+from dinoforge.data.augment import DataAugmentationDINO, gaussian_blur
 from dinoforge.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 N_DRAWS = 300
@@ -30,19 +31,24 @@ def _image(size: int = 48) -> Image.Image:
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Record the side length of every image that gets blurred or solarized."""
+    """Record the side length of every image that gets blurred (by ours or torchvision's, which the official
+    augmentation uses) or solarized."""
     seen = {"blur": [], "solarize": []}
-    blur, solarize = TF.gaussian_blur, TF.solarize
+    solarize = TF.solarize
 
-    def counting_blur(img, *args, **kwargs):
-        seen["blur"].append(TF.get_image_size(img)[0])
-        return blur(img, *args, **kwargs)
+    def counting(blur):
+        def counting_blur(img, *args, **kwargs):
+            seen["blur"].append(TF.get_image_size(img)[0])
+            return blur(img, *args, **kwargs)
+
+        return counting_blur
 
     def counting_solarize(img, *args, **kwargs):
         seen["solarize"].append(TF.get_image_size(img)[0])
         return solarize(img, *args, **kwargs)
 
-    monkeypatch.setattr(TF, "gaussian_blur", counting_blur)
+    monkeypatch.setattr(TF, "gaussian_blur", counting(TF.gaussian_blur))
+    monkeypatch.setattr(augment_module, "gaussian_blur", counting(gaussian_blur))
     monkeypatch.setattr(TF, "solarize", counting_solarize)
     return seen
 
@@ -115,13 +121,12 @@ def test_tiny_crops_and_grayscale_input():
 def test_blur_sigma_scale(monkeypatch):
     """blur_sigma_scale multiplies the sigma range (0.1, 2.0) of every blur."""
     sigmas = []
-    blur = TF.gaussian_blur
 
     def recording_blur(img, kernel_size, sigma):
-        sigmas.append(sigma[0])
-        return blur(img, kernel_size, sigma)
+        sigmas.append(sigma)
+        return gaussian_blur(img, kernel_size, sigma)
 
-    monkeypatch.setattr(TF, "gaussian_blur", recording_blur)
+    monkeypatch.setattr(augment_module, "gaussian_blur", recording_blur)
     augment = DataAugmentationDINO(
         local_crops_number=2, global_crops_size=32, local_crops_size=16, blur_sigma_scale=0.1
     )
@@ -129,3 +134,22 @@ def test_blur_sigma_scale(monkeypatch):
         augment(_image())
     assert sigmas and 0.01 <= min(sigmas) and max(sigmas) <= 0.2
     assert max(sigmas) > 0.1  # the scaled range is used, not a constant
+
+
+def test_gaussian_blur_matches_torchvision():
+    """Our separable blur against torchvision's 2-D one (what the official augmentation calls): same kernel,
+    padding and rounding, so pixels differ by at most one grey level (float summation order), rarely."""
+    rng = np.random.default_rng(0)
+    mismatched = total = 0
+    for trial in range(60):
+        h, w = (int(v) for v in rng.integers(3, 40, 2))
+        mode_shape = (h, w) if trial % 3 == 0 else (h, w, 3)
+        img = Image.fromarray(rng.integers(0, 256, mode_shape, dtype=np.uint8))
+        kernel = min(9, 2 * min(h, w) - 1)
+        sigma = float(rng.uniform(0.1, 2.0))
+        ours = np.asarray(gaussian_blur(img, kernel, sigma)).astype(int)
+        ref = np.asarray(TF.gaussian_blur(img, [kernel, kernel], [sigma, sigma])).astype(int)
+        assert ours.shape == ref.shape and np.abs(ours - ref).max() <= 1
+        mismatched += int((ours != ref).sum())
+        total += ref.size
+    assert mismatched / total < 0.01

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -136,3 +136,25 @@ def read_yaml(path: str | Path, what: str):
     if not isinstance(loaded, DictConfig):
         raise DinoforgeError(f"{what} {path} must be a YAML mapping of keys")
     return loaded
+
+
+def unknown_keys_error(what: str, source: str, bad: list[str], tree: Mapping) -> DinoforgeError:
+    """The one-line error for unknown dotted `bad` keys of a nested config `tree` (dicts or DictConfigs): each
+    key with up to three close spellings and the known keys that share its last part."""
+    import difflib
+
+    def dotted(t: Mapping, prefix: str = "") -> list[str]:
+        keys = []
+        for k, v in t.items():
+            keys.append(f"{prefix}{k}")
+            if isinstance(v, Mapping):
+                keys += dotted(v, f"{prefix}{k}.")
+        return keys
+
+    known, parts = dotted(tree), []
+    for key in bad:
+        leaf = key.rsplit(".", 1)[-1]
+        close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+        close += [k for k in known if k.rsplit(".", 1)[-1] == leaf and k not in close][:3]
+        parts.append(f"{key!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    return DinoforgeError(f"unknown {what} key in {source}: {'; '.join(parts)}")

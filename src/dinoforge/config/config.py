@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -16,7 +15,7 @@ from omegaconf.errors import (
     OmegaConfBaseException,
 )
 
-from dinoforge.utils import DinoforgeError, read_yaml
+from dinoforge.utils import DinoforgeError, read_yaml, unknown_keys_error
 
 PRESETS = ("demo", "vits14", "vitb14", "vitl14", "vitl16_short", "vitg14")
 
@@ -28,16 +27,6 @@ def _package_yaml(name: str) -> DictConfig:
 def default_config() -> DictConfig:
     """The full default configuration (every accepted key)."""
     return _package_yaml("ssl_default")
-
-
-def _flat_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
-    keys = []
-    for k, v in cfg.items():
-        full = f"{prefix}{k}"
-        keys.append(full)
-        if isinstance(v, DictConfig):
-            keys += _flat_keys(v, full + ".")
-    return keys
 
 
 def _unknown_keys(user: DictConfig, default: DictConfig, prefix: str = "") -> list[str]:
@@ -55,16 +44,8 @@ def _unknown_keys(user: DictConfig, default: DictConfig, prefix: str = "") -> li
 
 def _check_keys(user: DictConfig, default: DictConfig, source: str) -> None:
     bad = _unknown_keys(user, default)
-    if not bad:
-        return
-    known = _flat_keys(default)
-    parts = []
-    for key in bad:
-        close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-        leaf = key.rsplit(".", 1)[-1]
-        close += [k for k in known if k.rsplit(".", 1)[-1] == leaf and k not in close][:3]
-        parts.append(f"{key!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
-    raise DinoforgeError(f"unknown config key in {source}: {'; '.join(parts)}")
+    if bad:
+        raise unknown_keys_error("config", source, bad, default)
 
 
 # Keys whose default is null ("use the preset") but whose value, when given, has a fixed type.

@@ -5,7 +5,6 @@ then a
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from dinoforge.curate.kmeans import Hierarchy, hierarchical_kmeans
 from dinoforge.curate.retrieve import retrieve
 from dinoforge.curate.sample import balanced_sample, size_entropy
 from dinoforge.curate.store import EmbeddingStore, absolute_name, take_rows
-from dinoforge.utils import DinoforgeError, atomic_write, eprint, read_yaml, write_json
+from dinoforge.utils import DinoforgeError, atomic_write, eprint, read_yaml, unknown_keys_error, write_json
 
 DEFAULTS: dict[str, Any] = {
     "pool": None,
@@ -46,23 +45,6 @@ DEFAULTS: dict[str, Any] = {
     "sample": {"target_size": None, "strategy": "random"},
     "montage": {"clusters": 6, "per_cluster": 8, "duplicates": 16},
 }
-
-
-def _key_hint(key: str, known: list[str]) -> str:
-    """`key` plus up to three close matches among the known dotted keys."""
-    leaf = key.rsplit(".", 1)[-1]
-    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-    close += [k for k in known if k.rsplit(".", 1)[-1] == leaf and k not in close][:3]
-    return f"{key!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
-
-
-def _flat_keys(defaults: dict[str, Any], prefix: str = "") -> list[str]:
-    keys = []
-    for k, v in defaults.items():
-        keys.append(prefix + k)
-        if isinstance(v, dict) and v:
-            keys += _flat_keys(v, f"{prefix}{k}.")
-    return keys
 
 
 def _check_keys(user: dict[Any, Any], source: str) -> dict[str, Any]:
@@ -92,8 +74,7 @@ def _check_keys(user: dict[Any, Any], source: str) -> dict[str, Any]:
 
     checked = walk(user, DEFAULTS, "")
     if bad:
-        known = _flat_keys(DEFAULTS)
-        raise DinoforgeError(f"unknown curation config key in {source}: {'; '.join(_key_hint(k, known) for k in bad)}")
+        raise unknown_keys_error("curation config", source, bad, DEFAULTS)
     return checked
 
 
