@@ -162,8 +162,9 @@ def dataset_features(
     split: str = "train",
     data_id: str | None = None,
     classes: Sequence[str] | None = None,
-) -> dict[str, np.ndarray]:
-    """Features of one data spec (bundled:train, folder, file list), from the cache when possible.
+) -> dict[str, Any]:
+    """Features of one data spec (bundled:train, folder, file list), from the cache when possible, plus the
+    dataset's class names under "classes" (the label index).
 
     The cache key uses `data_id` when given (else the resolved folder/file list), the class list, and the
     path, size and modification time of every image, so edited or replaced images are embedded again."""
@@ -184,7 +185,8 @@ def dataset_features(
     def compute() -> dict[str, np.ndarray]:
         return extract_multilayer(net, dataset, batch_size, dev, n_last_blocks, desc=f"features {spec}")
 
-    return cached(key, compute, n_last_blocks) if use_cache else compute()
+    feats = cached(key, compute, n_last_blocks) if use_cache else compute()
+    return {**feats, "classes": list(getattr(dataset, "classes", []))}
 
 
 def features_from_opts(
@@ -197,17 +199,16 @@ def features_from_opts(
     image_size: int | None,
     use_cache: bool,
     n_last_blocks: int = 1,
-) -> list[dict[str, np.ndarray]]:
+) -> list[dict[str, Any]]:
     """Load the backbone from CLI options and return (cached) features for each labelled data spec, in order.
 
     The first spec is read as the train split and the others as the val split of a folder with such
     sub-folders; class names index labels in the first spec's order, so every split agrees. Unlabelled data
     is an error. `out` is created so the command can write its metrics there."""
     from dinoforge.cli_common import load_model_from_opts
-    from dinoforge.data.datasets import build_dataset
 
     splits = ["train" if i == 0 and len(specs) > 1 else "val" for i in range(len(specs))]
-    classes = getattr(build_dataset(specs[0], split=splits[0]), "classes", None) or None
+    classes = None  # the first spec's, once read
     net = load_model_from_opts(model, weights, device)
     fingerprint = model_fingerprint(net, weights if weights is not None else model)
     Path(out).mkdir(parents=True, exist_ok=True)
@@ -221,6 +222,7 @@ def features_from_opts(
                 f"{spec} has unlabelled images: this evaluation needs class labels (one sub-folder per class, "
                 "or a file list with labels)"
             )
+        classes = classes or feats["classes"] or None
         result.append(feats)
     return result
 

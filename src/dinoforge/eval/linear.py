@@ -17,7 +17,14 @@ import torch.nn.functional as F
 import typer
 
 from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, WeightsOpt
-from dinoforge.eval.features import CacheOpt, ImageSizeOpt, TrainDataOpt, ValDataOpt, features_from_opts
+from dinoforge.eval.features import (
+    ARRAYS,
+    CacheOpt,
+    ImageSizeOpt,
+    TrainDataOpt,
+    ValDataOpt,
+    features_from_opts,
+)
 from dinoforge.utils import DinoforgeError, resolve_device, track, write_json
 
 DEFAULT_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
@@ -161,8 +168,8 @@ def linear_command(
         model, weights, [train_data, val_data], out, batch_size, device, image_size, cache, n_last_blocks=4
     )
     metrics = linear_probe(
-        {k: torch.from_numpy(v) for k, v in tr.items()},
-        {k: torch.from_numpy(v) for k, v in te.items()},
+        {k: torch.from_numpy(tr[k]) for k in ARRAYS},
+        {k: torch.from_numpy(te[k]) for k in ARRAYS},
         lrs=lrs,
         epochs=epochs,
         batch_size=head_batch_size,
