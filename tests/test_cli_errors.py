@@ -128,10 +128,14 @@ def test_well_typed_overrides_still_load():
             "student.pretrained_weights=null",
             "optim.lr=${optim.base_lr}",
             "crops.global_crops_scale=[0.4,1]",
+            "student.layerscale=null",  # blocks without LayerScale
         ],
     )
     assert cfg.teacher.final_momentum_teacher == 0.999 and cfg.student.embed_dim == 32
     assert cfg.optim.lr == cfg.optim.base_lr
+    from dinoforge.train.meta_arch import SSLMetaArch
+
+    assert not any("ls1" in k for k in SSLMetaArch(cfg).student.backbone.state_dict())
 
 
 def test_malformed_yaml_config_is_one_line(tmp_path):

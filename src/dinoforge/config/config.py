@@ -50,6 +50,8 @@ def _check_keys(user: DictConfig, default: DictConfig, source: str) -> None:
 
 # Keys whose default is null ("use the preset") but whose value, when given, has a fixed type.
 _NULLABLE_TYPES = {"student.embed_dim": int, "student.depth": int, "student.num_heads": int}
+# Keys with a number default that also take null (`student.layerscale: null` builds blocks without LayerScale).
+_NULL_ALLOWED = {"student.layerscale"}
 
 
 def _kind(value: object) -> str:
@@ -106,6 +108,8 @@ def _check_types(user: DictConfig, default: DictConfig, source: str, prefix: str
             _check_types(value, ref, source, full + ".")
             continue
         nullable = _NULLABLE_TYPES.get(full)
+        if value is None and full in _NULL_ALLOWED:
+            continue
         if ref is None and nullable is not None:
             ok = value is None or (isinstance(value, nullable) and not isinstance(value, bool))
             problem = None if ok else f"{'an' if nullable is int else 'a'} {nullable.__name__} or null"
