@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from dinoforge.config.config import PRESETS
+
 OverridesArg = Annotated[
     list[str] | None,
     typer.Argument(help="Config overrides as key=value (e.g. optim.epochs=10 train.batch_size_per_gpu=32)."),
@@ -17,7 +19,7 @@ def train_command(
     config: Annotated[
         str,
         typer.Option(
-            "--config", "-c", help="YAML file (official layout) or preset: demo, vits14, vitb14, vitl14, vitg14."
+            "--config", "-c", help=f"YAML file (official layout) or preset: {', '.join(PRESETS)}."
         ),
     ] = "demo",
     data: Annotated[
