@@ -7,6 +7,7 @@ their steps (so both see the same machine load). Prints one JSON line per measur
 (dinoforge img/s ÷ lightly img/s) per model.
 
     python benchmarks/train_step.py                          # demo + ViT-S/14 (reduced crops), CPU
+    python benchmarks/train_step.py --models vitl14          # ViT-L/14 with its stochastic depth 0.3
     python benchmarks/train_step.py --device cuda --models vits14 --batch 64
 """
 
@@ -38,6 +39,20 @@ PRESETS: dict[str, tuple[str, int, list[str]]] = {
     "vits14": (
         "vits14",
         16,
+        [
+            "train.centering=centering",
+            "crops.global_crops_size=98",
+            "crops.local_crops_size=42",
+            "crops.local_crops_number=4",
+            "dino.head_n_prototypes=16384",
+            "ibot.head_n_prototypes=16384",
+        ],
+    ),
+    # ViT-L/14 keeps its preset's stochastic depth (0.3, uniform), where dinoforge computes each residual branch
+    # on the kept samples only and timm's DropPath computes it for all and zeroes the dropped ones.
+    "vitl14": (
+        "vitl14",
+        8,
         [
             "train.centering=centering",
             "crops.global_crops_size=98",
@@ -355,7 +370,7 @@ def measure_pair(specs: list[Spec]) -> list[dict]:
 def main(
     models: Annotated[str, typer.Option(help=f"comma-separated presets: {', '.join(PRESETS)}")] = "demo,vits14",
     batch: Annotated[
-        int | None, typer.Option(help="images per step (default: the preset's: demo 64, vits14 16)")
+        int | None, typer.Option(help="images per step (default: the preset's: demo 64, vits14 16, vitl14 8)")
     ] = None,
     steps: Annotated[int, typer.Option(help="timed steps per implementation")] = 3,
     warmup: Annotated[int, typer.Option(help="untimed warm-up steps per implementation (same for both)")] = 1,
