@@ -1,14 +1,14 @@
 """`dinoforge curate` commands chained on real files, their outputs, --help, and one-line errors."""
 
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 from PIL import Image
-from test_curate_pipeline import write_pool  # tests/ is on sys.path under pytest
+from test_cli_errors import assert_one_line_error, run_cli  # tests/ is on sys.path under pytest
+from test_curate_pipeline import write_pool
 from typer.testing import CliRunner
 
 from dinoforge.cli import app
@@ -108,29 +108,6 @@ def test_errors_are_one_line(tmp_path):
     assert res.stderr.strip().startswith("error: no embedding shards") and len(res.stderr.strip().splitlines()) == 1
 
 
-def run_cli(*args, cwd=None):
-    """`python -m dinoforge curate ...` in a subprocess: (exit code, stderr)."""
-    env = os.environ | {"DINOFORGE_NO_PROGRESS": "1"}
-    res = subprocess.run(
-        [sys.executable, "-m", "dinoforge", "curate", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        cwd=cwd,
-    )
-    return res.returncode, res.stderr
-
-
-def assert_one_line_error(rc, stderr, *needles):
-    assert rc == 2, stderr
-    assert "Traceback" not in stderr
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-
-
 @pytest.mark.parametrize(
     ("yaml_text", "overrides", "needles"),
     [
@@ -144,8 +121,8 @@ def assert_one_line_error(rc, stderr, *needles):
 )
 def test_run_config_errors_are_one_line(tmp_path, yaml_text, overrides, needles):
     (tmp_path / "cfg.yaml").write_text(yaml_text)
-    rc, err = run_cli("run", "--config", tmp_path / "cfg.yaml", "--out", tmp_path / "o", *overrides)
-    assert_one_line_error(rc, err, *needles)
+    r = run_cli("curate", "run", "--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "o"), *overrides)
+    assert_one_line_error(r, *needles)
     assert not (tmp_path / "o").exists()
 
 
@@ -156,6 +133,8 @@ def test_embed_resume_with_another_model_is_one_line_error(tmp_path):
         Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(pool / f"{i}.png")
     invoke("embed", "--data", pool, "--out", tmp_path / "emb", "--device", "cpu")
     before = sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "emb").iterdir())
-    rc, err = run_cli("embed", "--data", pool, "--out", tmp_path / "emb", "-m", "dinov2_vits14", "--device", "cpu")
-    assert_one_line_error(rc, err, "holds embeddings from another model", "model=pixel", "model=dinov2_vits14")
+    r = run_cli(
+        "curate", "embed", "--data", str(pool), "--out", str(tmp_path / "emb"), "-m", "dinov2_vits14", "--device", "cpu"
+    )
+    assert_one_line_error(r, "holds embeddings from another model", "model=pixel", "model=dinov2_vits14")
     assert sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "emb").iterdir()) == before  # untouched
