@@ -48,10 +48,14 @@ def _check_keys(user: DictConfig, default: DictConfig, source: str) -> None:
         raise unknown_keys_error("config", source, bad, default)
 
 
-# Keys whose default is null ("use the preset") but whose value, when given, has a fixed type.
-_NULLABLE_TYPES = {"student.embed_dim": int, "student.depth": int, "student.num_heads": int}
-# Keys with a number default that also take null (`student.layerscale: null` builds blocks without LayerScale).
-_NULL_ALLOWED = {"student.layerscale"}
+# Keys that take null besides a value of a fixed type: a null default means "use the preset" (embed_dim, depth,
+# num_heads); `student.layerscale: null` builds blocks without LayerScale.
+_NULLABLE_TYPES = {
+    "student.embed_dim": int,
+    "student.depth": int,
+    "student.num_heads": int,
+    "student.layerscale": float,
+}
 
 
 def _kind(value: object) -> str:
@@ -108,10 +112,10 @@ def _check_types(user: DictConfig, default: DictConfig, source: str, prefix: str
             _check_types(value, ref, source, full + ".")
             continue
         nullable = _NULLABLE_TYPES.get(full)
-        if value is None and full in _NULL_ALLOWED:
+        if nullable is not None and value is None:
             continue
         if ref is None and nullable is not None:
-            ok = value is None or (isinstance(value, nullable) and not isinstance(value, bool))
+            ok = isinstance(value, nullable) and not isinstance(value, bool)
             problem = None if ok else f"{'an' if nullable is int else 'a'} {nullable.__name__} or null"
         else:
             problem = _type_problem(value, ref)
