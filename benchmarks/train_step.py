@@ -44,18 +44,10 @@ _REDUCED = [  # the ViT presets at reduced crops and prototypes, so that a CPU s
 ]
 PRESETS: dict[str, tuple[str, int, list[str]]] = {
     "demo": ("demo", 64, ["train.centering=centering"]),
-    "vits14": (
-        "vits14",
-        16,
-        _REDUCED,
-    ),
+    "vits14": ("vits14", 16, _REDUCED),
     # ViT-L/14 keeps its preset's stochastic depth (0.3, uniform), where dinoforge computes each residual branch
     # on the kept samples only and timm's DropPath computes it for all and zeroes the dropped ones.
-    "vitl14": (
-        "vitl14",
-        8,
-        _REDUCED,
-    ),
+    "vitl14": ("vitl14", 8, _REDUCED),
 }
 IMPLS = ("dinoforge", "lightly")
 
