@@ -178,6 +178,27 @@ def test_list_input_equals_separate_calls():
         assert out[1]["x_norm_patchtokens"].shape == (4, 49, 64)
 
 
+def test_list_input_gradients_equal_separate_calls():
+    torch.manual_seed(0)
+    ours = tiny(num_register_tokens=2).train()
+    g, loc = torch.randn(2, 3, 42, 42), torch.randn(3, 3, 28, 28)
+    masks = torch.rand(2, 9) < 0.5
+
+    def grads(loss):
+        ours.zero_grad()
+        loss.backward()
+        return {k: p.grad.clone() for k, p in ours.named_parameters() if p.grad is not None}
+
+    def loss_of(outs):
+        return sum((o["x_norm_clstoken"] ** 2).sum() + o["x_norm_patchtokens"].sin().sum() for o in outs)
+
+    listed = grads(loss_of(ours.forward_features([g, loc], [masks, None])))
+    separate = grads(loss_of([ours.forward_features(g, masks), ours.forward_features(loc)]))
+    assert listed.keys() == separate.keys() and {"blocks.0.attn.qkv.weight", "mask_token"} <= listed.keys()
+    for k in listed:
+        torch.testing.assert_close(listed[k], separate[k], rtol=1e-4, atol=1e-5)
+
+
 def _hf_registers(ours: DinoVisionTransformer, tmp_path):
     from transformers import AutoModel
 
