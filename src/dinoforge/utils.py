@@ -97,6 +97,17 @@ def require_file(path: str | Path, what: str = "file") -> Path:
     return p
 
 
+def files_under(path: Path) -> list[Path]:
+    """`path` itself when it is a file, else every file below it (recursively), sorted."""
+    return [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message ("" when it has none), for one-line errors."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else ""
+
+
 def eprint(*args: Any) -> None:
     print(*args, file=sys.stderr)
 
@@ -125,10 +136,10 @@ def read_yaml(path: str | Path, what: str):
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = e.problem or e.context or str(e).splitlines()[0]
+        problem = e.problem or e.context or first_line(e)
         raise DinoforgeError(f"{what} {path} is not valid YAML: {problem}{where}") from None
     except (yaml.YAMLError, OmegaConfBaseException) as e:
-        raise DinoforgeError(f"{what} {path} is not valid YAML: {str(e).strip().splitlines()[0]}") from None
+        raise DinoforgeError(f"{what} {path} is not valid YAML: {first_line(e)}") from None
     except UnicodeDecodeError as e:
         raise DinoforgeError(f"{what} {path} is not a UTF-8 text file: {e.reason} at byte {e.start}") from None
     except OSError as e:

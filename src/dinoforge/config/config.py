@@ -15,7 +15,7 @@ from omegaconf.errors import (
     OmegaConfBaseException,
 )
 
-from dinoforge.utils import DinoforgeError, read_yaml, unknown_keys_error
+from dinoforge.utils import DinoforgeError, first_line, read_yaml, unknown_keys_error
 
 PRESETS = ("demo", "vits14", "vitb14", "vitl14", "vitl16_short", "vitg14")
 
@@ -150,15 +150,15 @@ def load_config(config: str | Path | None = None, overrides: Sequence[str] = ())
         try:
             dot = OmegaConf.from_dotlist(list(overrides))
         except (GrammarParseError, ConfigKeyError, ConfigAttributeError) as e:
-            raise DinoforgeError(f"bad override: {str(e).splitlines()[0]}") from None
+            raise DinoforgeError(f"bad override: {first_line(e)}") from None
         _check_keys(dot, cfg, "command-line overrides")
         _check_types(dot, default_config(), "command-line overrides")
         cfg = OmegaConf.merge(cfg, dot)
     try:  # a `${...}` interpolation that points nowhere fails now, not mid-run
         OmegaConf.to_container(cfg, resolve=True)
     except InterpolationResolutionError as e:
-        raise DinoforgeError(f"bad config interpolation: {str(e).splitlines()[0]}") from None
+        raise DinoforgeError(f"bad config interpolation: {first_line(e)}") from None
     except OmegaConfBaseException as e:
-        raise DinoforgeError(f"bad config: {str(e).splitlines()[0]}") from None
+        raise DinoforgeError(f"bad config: {first_line(e)}") from None
     OmegaConf.set_struct(cfg, True)
     return cfg

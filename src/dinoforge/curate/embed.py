@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from dinoforge.curate.store import absolute_name, describe_identity, read_shard_meta
-from dinoforge.utils import DinoforgeError, eprint, write_json
+from dinoforge.utils import DinoforgeError, eprint, files_under, write_json
 
 PIXEL_IMAGE_SIZE = 64  # the pixel descriptor's input: images resized to 64x64
 BACKBONE_RESIZE, BACKBONE_CROP = 256, 224  # a backbone's eval transform: shorter side 256, centre crop 224
@@ -163,8 +163,7 @@ def _fingerprint(path: str | Path) -> str:
     """An absolute path with its size and modification time (a folder: total size, newest file), so that a
     changed weights file at the same path is told apart."""
     p = Path(path).absolute()
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
-    stats = [f.stat() for f in files]
+    stats = [f.stat() for f in files_under(p)]
     size = sum(st.st_size for st in stats)
     mtime = max((st.st_mtime for st in stats), default=0.0)
     when = datetime.fromtimestamp(int(mtime), tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

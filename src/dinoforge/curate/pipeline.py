@@ -21,7 +21,15 @@ from dinoforge.curate.kmeans import Hierarchy, hierarchical_kmeans
 from dinoforge.curate.retrieve import retrieve
 from dinoforge.curate.sample import balanced_sample, size_entropy
 from dinoforge.curate.store import EmbeddingStore, absolute_name, take_rows
-from dinoforge.utils import DinoforgeError, atomic_write, eprint, read_yaml, unknown_keys_error, write_json
+from dinoforge.utils import (
+    DinoforgeError,
+    atomic_write,
+    eprint,
+    first_line,
+    read_yaml,
+    unknown_keys_error,
+    write_json,
+)
 
 DEFAULTS: dict[str, Any] = {
     "pool": None,
@@ -88,16 +96,11 @@ def _load_yaml(path: str | Path) -> dict[Any, Any]:
     return _to_container(loaded, f"curation config {p}")
 
 
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
-
-
 def _to_container(cfg: DictConfig, source: str, resolve: bool = False) -> dict[Any, Any]:
     try:
         return OmegaConf.to_container(cfg, resolve=resolve)  # type: ignore[return-value]
     except OmegaConfBaseException as e:
-        raise DinoforgeError(f"{source}: {_first_line(e)}") from None
+        raise DinoforgeError(f"{source}: {first_line(e) or type(e).__name__}") from None
 
 
 def _parse_overrides(overrides: list[str]) -> dict[Any, Any]:
@@ -110,7 +113,7 @@ def _parse_overrides(overrides: list[str]) -> dict[Any, Any]:
         except yaml.MarkedYAMLError as e:
             raise DinoforgeError(f"bad curation override {o!r}: not valid YAML ({e.problem or e.context})") from None
         except (yaml.YAMLError, OmegaConfBaseException) as e:
-            raise DinoforgeError(f"bad curation override {o!r}: {_first_line(e)}") from None
+            raise DinoforgeError(f"bad curation override {o!r}: {first_line(e) or type(e).__name__}") from None
     return _to_container(OmegaConf.from_dotlist(list(overrides)), "curation overrides")
 
 

@@ -26,7 +26,7 @@ import typer
 from torch.utils.data import Dataset
 
 from dinoforge.embed import frozen, image_batches
-from dinoforge.utils import DinoforgeError, resolve_device
+from dinoforge.utils import DinoforgeError, files_under, resolve_device
 
 ARRAYS = ("cls", "patch_avg", "labels", "indices")
 
@@ -58,7 +58,7 @@ def model_fingerprint(model: torch.nn.Module, weights: str | Path | None = None)
     """Identify a backbone: weights file by resolved path + mtime + size, else by its state-dict bytes."""
     if weights is not None and Path(weights).exists():
         p = Path(weights).resolve()
-        return "file:" + _files_hash([f for f in sorted(p.rglob("*")) if f.is_file()] if p.is_dir() else [p])
+        return "file:" + _files_hash(files_under(p))
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from dinoforge.models.layers import swiglu_hidden_features
 from dinoforge.models.vision_transformer import DinoVisionTransformer
-from dinoforge.utils import DinoforgeError, require_file
+from dinoforge.utils import DinoforgeError, first_line, require_file
 
 _SIZES = {
     "s": dict(embed_dim=384, depth=12, num_heads=6, ffn_layer="mlp"),
@@ -132,16 +132,11 @@ def read_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any] | 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and EOF errors all mean "not a usable checkpoint"
-        raise DinoforgeError(f"cannot read weights file {path}: {type(e).__name__}: {_first_line(e)}") from None
+        raise DinoforgeError(f"cannot read weights file {path}: {type(e).__name__}: {first_line(e)[:200]}") from None
     if not isinstance(obj, dict):
         raise DinoforgeError(f"weights file {path} holds a {type(obj).__name__}, not a state dict")
     arch = obj.get("arch") if isinstance(obj.get("arch"), dict) else None
     return normalize_state_dict(obj, source=str(path)), arch
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else ""
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
@@ -152,7 +147,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, Any] | N
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
-        raise DinoforgeError(f"cannot read weights file {path}: {type(e).__name__}: {_first_line(e)}") from None
+        raise DinoforgeError(f"cannot read weights file {path}: {type(e).__name__}: {first_line(e)[:200]}") from None
     arch = json.loads(meta[ARCH_METADATA_KEY]) if ARCH_METADATA_KEY in meta else None
     if any(k.startswith(("embeddings.", "encoder.layer.")) or ".embeddings." in k for k in tensors):
         from dinoforge.export.hf import hf_to_official
