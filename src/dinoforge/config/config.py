@@ -95,6 +95,12 @@ def _type_problem(value: object, default: object) -> str | None:
     return None
 
 
+def _raw(cfg: DictConfig, key: str) -> object:
+    """The unresolved value at `key`: a DictConfig/ListConfig container, or the plain scalar."""
+    node = cfg._get_node(key)
+    return node if isinstance(node, DictConfig | ListConfig) else node._value()
+
+
 def _check_types(user: DictConfig, default: DictConfig, source: str, prefix: str = "") -> None:
     """Each value of `user` must have the type of the default it replaces: `optim.epochs=abc` fails here, naming
     the key, rather than deep inside training."""
@@ -102,10 +108,7 @@ def _check_types(user: DictConfig, default: DictConfig, source: str, prefix: str
         full = f"{prefix}{k}"
         if k not in default or OmegaConf.is_missing(user, k) or OmegaConf.is_interpolation(user, k):
             continue
-        value = user._get_node(k)
-        value = value if isinstance(value, DictConfig | ListConfig) else value._value()
-        ref = default._get_node(k)
-        ref = ref if isinstance(ref, DictConfig | ListConfig) else ref._value()
+        value, ref = _raw(user, k), _raw(default, k)
         if isinstance(ref, DictConfig):
             if not isinstance(value, DictConfig):
                 raise DinoforgeError(f"config key {full!r} in {source} must be a mapping, got {_kind(value)} {value!r}")
@@ -137,12 +140,12 @@ def _load_file(config: str | Path) -> DictConfig:
 
 def load_config(config: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
     """Defaults ← preset or YAML file ← `key=value` overrides; an unknown key fails naming close matches."""
-    cfg = default_config()
+    cfg = defaults = default_config()
     if config:
         user = _load_file(config)
-        _check_keys(user, cfg, str(config))
-        _check_types(user, cfg, str(config))
-        cfg = OmegaConf.merge(cfg, user)
+        _check_keys(user, defaults, str(config))
+        _check_types(user, defaults, str(config))
+        cfg = OmegaConf.merge(defaults, user)
     if overrides:
         bad = [o for o in overrides if "=" not in o]
         if bad:
@@ -152,7 +155,7 @@ def load_config(config: str | Path | None = None, overrides: Sequence[str] = ())
         except (GrammarParseError, ConfigKeyError, ConfigAttributeError) as e:
             raise DinoforgeError(f"bad override: {first_line(e)}") from None
         _check_keys(dot, cfg, "command-line overrides")
-        _check_types(dot, default_config(), "command-line overrides")
+        _check_types(dot, defaults, "command-line overrides")  # against the defaults, not the file's values
         cfg = OmegaConf.merge(cfg, dot)
     try:  # a `${...}` interpolation that points nowhere fails now, not mid-run
         OmegaConf.to_container(cfg, resolve=True)
