@@ -37,19 +37,17 @@ def _click_exception_classes() -> tuple[tuple[type, ...], tuple[type, ...], tupl
 
     typer >= 0.20 bundles its own click copy (`typer._click`), whose exceptions do not derive from `click`'s;
     older typer raises `click`'s own. Collect whichever of the two are importable."""
-    errors: list[type] = []
-    no_args: list[type] = []
-    aborts: list[type] = []
-    for module in ("typer._click.exceptions", "click.exceptions"):
+    modules = [typer]  # typer.Abort is a class of typer's own
+    for name in ("typer._click.exceptions", "click.exceptions"):
         try:
-            mod = importlib.import_module(module)
+            modules.append(importlib.import_module(name))
         except ImportError:
             continue
-        errors += [c for c in (getattr(mod, "ClickException", None),) if isinstance(c, type)]
-        no_args += [c for c in (getattr(mod, "NoArgsIsHelpError", None),) if isinstance(c, type)]
-        aborts += [c for c in (getattr(mod, "Abort", None),) if isinstance(c, type)]
-    aborts += [c for c in (getattr(typer, "Abort", None),) if isinstance(c, type)]
-    return tuple(errors), tuple(no_args), tuple(aborts)
+
+    def found(name: str) -> tuple[type, ...]:
+        return tuple(c for c in (getattr(m, name, None) for m in modules) if isinstance(c, type))
+
+    return found("ClickException"), found("NoArgsIsHelpError"), found("Abort")
 
 
 def _one_line(message: object) -> str:
