@@ -18,6 +18,7 @@ from dinoforge.data.datasets import (
     collate_skip_none,
     list_images,
     load_image,
+    load_item,
     load_sample_photos,
     read_idx,
 )
@@ -242,3 +243,31 @@ def test_raw_pixel_knn_on_bundled_matches_sklearn():
     assert np.mean(ours == ref) > 0.99  # ties at equal distance may break differently
     acc = float(np.mean(ours == va.labels))
     assert 0.75 < acc < 0.90
+
+
+def test_curated_manifest_of_the_bundled_set_reads_back(tmp_path):
+    """Curating `bundled:val` writes item names (`bundled:val/17`), not paths; the manifest feeds training."""
+    from dinoforge.curate.pipeline import load_config, run_pipeline
+
+    report = run_pipeline(load_config(None, ["pool=bundled:val", "device=cpu"]), tmp_path / "cur")
+    manifest = tmp_path / "cur" / "manifest.jsonl"
+    names = [json.loads(line)["path"] for line in manifest.read_text().splitlines()]
+    assert len(names) == report["manifest_images"] > 50 and all(n.startswith("bundled:val/") for n in names)
+    ds, ref = build_dataset(manifest), BundledDataset("val")
+    assert len(ds) == len(names) and ds.item_name(5) == names[5]
+    for i in (0, 5, len(ds) - 1):
+        j = int(names[i].rpartition("/")[2])
+        assert np.array_equal(np.asarray(ds[i][0]), np.asarray(ref[j][0]))
+    assert np.asarray(build_dataset(manifest, size=24)[0][0]).shape == (24, 24, 3)
+    # the montages show the images (a blank sheet would be all white)
+    sheet = np.asarray(Image.open(tmp_path / "cur" / "duplicates.png"))
+    assert (sheet < 128).mean() > 0.05
+
+
+def test_bundled_item_names_out_of_range_are_unreadable(tmp_path):
+    (tmp_path / "m.txt").write_text("bundled:train/3\nbundled:train/10000\nbundled:nope/1\n")
+    ds = FileListDataset(tmp_path / "m.txt")
+    assert np.array_equal(np.asarray(ds[0][0]), np.asarray(BundledDataset("train")[3][0]))
+    assert ds[1] is None and ds[2] is None  # skipped and counted like a corrupt file
+    with pytest.raises(CorruptImageError, match=r"bundled:train/10000: the train split has 10000 images"):
+        load_item("bundled:train/10000")

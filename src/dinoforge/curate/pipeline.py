@@ -243,7 +243,7 @@ def montage(paths: list[list[str]], out_png: str | Path, title: str, thumb: int 
     """Save a grid of image thumbnails, one row per group (a cluster, or a kept image with its duplicates)."""
     from PIL import Image, ImageDraw
 
-    from dinoforge.data.datasets import CorruptImageError, load_image
+    from dinoforge.data.datasets import CorruptImageError, load_item
 
     rows = [r for r in paths if r]
     if not rows:
@@ -254,7 +254,7 @@ def montage(paths: list[list[str]], out_png: str | Path, title: str, thumb: int 
     for i, row in enumerate(rows):
         for j, p in enumerate(row):
             try:
-                im = load_image(p).resize((thumb, thumb))
+                im = load_item(p).resize((thumb, thumb))
             except CorruptImageError:
                 continue
             sheet.paste(im, (j * (thumb + 2), 16 + i * (thumb + 2)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from functools import lru_cache
@@ -97,13 +98,43 @@ def load_image(path: str | Path) -> Image.Image:
         raise CorruptImageError(f"cannot read image {path}: {e}") from None
 
 
-class _PathDataset(Dataset):
-    """Images given by paths and integer labels; corrupt images come back as None."""
+_BUNDLED_ITEM = re.compile(r"(bundled|bundled-full):(train|val)/(\d+)")
 
-    def __init__(self, paths: Sequence[Path], labels: Sequence[int], transform: Transform = None) -> None:
+
+def bundled_item(name: str | Path) -> tuple[str, bool, int] | None:
+    """(split, full, index) when `name` names a bundled image the way `BundledDataset.item_name` writes it
+    (`bundled:train/17`, `bundled-full:val/3`) and is not an existing file; else None."""
+    m = _BUNDLED_ITEM.fullmatch(str(name))
+    if m is None or Path(name).exists():
+        return None
+    return m[2], m[1] == "bundled-full", int(m[3])
+
+
+def load_item(name: str | Path, size: int = 32) -> Image.Image:
+    """An image file (see `load_image`) or a bundled item name (on a canvas of `size` px), as RGB.
+
+    Curation manifests of the bundled set list such names; CorruptImageError when the index is out of range."""
+    item = bundled_item(name)
+    if item is None:
+        return load_image(name)
+    split, full, index = item
+    dataset = _bundled_split(split, full, size)
+    if index >= len(dataset):
+        raise CorruptImageError(f"no image {name}: the {split} split has {len(dataset)} images")
+    return dataset.pil(index)
+
+
+class _PathDataset(Dataset):
+    """Images given by paths (or bundled item names, drawn on a `size` px canvas) and integer labels; corrupt
+    images come back as None."""
+
+    def __init__(
+        self, paths: Sequence[Path], labels: Sequence[int], transform: Transform = None, size: int = 32
+    ) -> None:
         self.paths: list[Path] = list(paths)
         self.labels: np.ndarray = np.asarray(labels, dtype=np.int64).reshape(len(self.paths))
         self.transform = transform
+        self.size = size
         self.classes: list[str] = []
 
     def __len__(self) -> int:
@@ -111,7 +142,7 @@ class _PathDataset(Dataset):
 
     def __getitem__(self, index: int):
         try:
-            img = load_image(self.paths[index])
+            img = load_item(self.paths[index], self.size)
         except CorruptImageError:
             return None
         return (self.transform(img) if self.transform else img), int(self.labels[index]), index
@@ -171,10 +202,17 @@ class FileListDataset(_PathDataset):
     """Images listed in a manifest. `.txt`/`.csv`: one path per line with an optional label after a tab or
     comma; `.jsonl`: objects with "path", optional "label" and any provenance fields (kept in `.records`).
 
-    Relative paths resolve against the manifest's folder. Labels are integers, or class names that are
+    Relative paths resolve against the manifest's folder; bundled item names (`bundled:train/17`, what curating
+    the bundled set writes) are drawn on a `size` px canvas. Labels are integers, or class names that are
     mapped to indices in sorted order (then `.classes` holds the names)."""
 
-    def __init__(self, manifest: str | Path, transform: Transform = None, classes: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        manifest: str | Path,
+        transform: Transform = None,
+        classes: Sequence[str] | None = None,
+        size: int = 32,
+    ) -> None:
         self.manifest = Path(manifest)
         if not self.manifest.is_file():
             raise DinoforgeError(f"file list not found: {self.manifest}")
@@ -185,7 +223,10 @@ class FileListDataset(_PathDataset):
             self._read_jsonl() if suffix == ".jsonl" else self._read_lines(suffix == ".csv")
         )
         base = self.manifest.parent
-        paths = [Path(r["path"]) if Path(r["path"]).is_absolute() else base / r["path"] for r in self.records]
+        paths = [
+            Path(r["path"]) if Path(r["path"]).is_absolute() or bundled_item(r["path"]) else base / r["path"]
+            for r in self.records
+        ]
         raw = [r.get("label") for r in self.records]
         named = sorted({x for x in raw if isinstance(x, str)})
         if named and any(isinstance(x, int) for x in raw):
@@ -194,7 +235,7 @@ class FileListDataset(_PathDataset):
             named = list(_check_classes(named, classes, self.manifest))
         index = {c: i for i, c in enumerate(named)}
         labels = [-1 if x is None else index[x] if isinstance(x, str) else x for x in raw]
-        super().__init__(paths, labels, transform)
+        super().__init__(paths, labels, transform, size)
         self.classes = named
 
     def _read_lines(self, csv: bool) -> list[dict[str, Any]]:
@@ -249,6 +290,11 @@ def _load_fashion_mnist(split: str, full: bool) -> tuple[np.ndarray, np.ndarray]
             "dataset-fashion-mnist, or use the bundled subset ('bundled')"
         )
     return read_idx(img), read_idx(lab).astype(np.int64)
+
+
+@lru_cache(maxsize=8)
+def _bundled_split(split: str, full: bool, size: int) -> BundledDataset:
+    return BundledDataset(split, size=size, full=full)
 
 
 class BundledDataset(Dataset):
@@ -318,7 +364,7 @@ def build_dataset(
         return ImageFolderDataset(p / split if split and (p / split).is_dir() else p, transform, classes)
     if p.is_file():
         if p.suffix.lower() in MANIFEST_EXTENSIONS:
-            return FileListDataset(p, transform, classes)
+            return FileListDataset(p, transform, classes, size)
         raise DinoforgeError(f"not an image folder or a .txt/.csv/.jsonl file list: {p}")
     raise DinoforgeError(f"data not found: {p} (give a folder, a file list, or 'bundled[:train|:val]')")
 
