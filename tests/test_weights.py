@@ -46,6 +46,19 @@ def test_hub_names_build_official_configs():
         load_backbone("dinov2_vitx14")
 
 
+def test_random_init_by_hub_name_is_the_same_in_every_call():
+    """Ranks embedding shards of one curation run (or two runs of a random-init baseline) get the same weights."""
+    torch.manual_seed(1)
+    expected_next = torch.rand(3)
+    torch.manual_seed(1)
+    a = load_backbone("dinov2_vits14")
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's RNG is untouched
+    b = load_backbone("dinov2_vits14")
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert sa["blocks.0.attn.qkv.weight"].std() > 0.01  # a real (truncated normal) init, not zeros
+
+
 def test_safetensors_roundtrip_keeps_arch(model, tmp_path):
     odd = randomize_(DinoVisionTransformer(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3,
                                            mlp_ratio=3.0, qkv_bias=False, init_values=None))  # fmt: skip

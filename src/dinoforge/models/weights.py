@@ -53,6 +53,9 @@ def load_backbone(
 ) -> DinoVisionTransformer:
     """Build a backbone by hub name (random init unless `weights` is given) or from a weights file/folder.
 
+    A random init is seeded (seed 0, the global RNG left as it was), so every process and every run of a
+    random-init baseline, or of a curation embedding with one, gets the same weights.
+
     The architecture comes from the name, else from the `arch` stored with the weights, else it is
     inferred from tensor shapes; `overrides` (e.g. pad_to_patch=True) are applied last. Eval mode.
     """
@@ -73,7 +76,9 @@ def load_backbone(
         if arch is None:
             arch = stored_arch or infer_arch(state_dict)
     if state_dict is None:
-        return build_backbone({**arch, **overrides}).to(device).eval()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return build_backbone({**arch, **overrides}).to(device).eval()
     with torch.device("meta"):  # skip the random init that the weights overwrite anyway
         model = build_backbone({**arch, **overrides})
     state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
