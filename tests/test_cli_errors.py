@@ -109,6 +109,8 @@ def test_override_of_wrong_type_is_one_line(tmp_path):
         ("student.embed_dim=wide", ("student.embed_dim", "int")),
         ("optim=3", ("optim", "mapping")),
         ("optim.lr=${nope}", ("nope",)),
+        ("optim.lr=[1,", ("bad override 'optim.lr=[1,'", "not valid YAML")),
+        ("=3", ("overrides must be key=value", "=3")),
     ],
 )
 def test_override_variants_of_wrong_type_are_one_line(monkeypatch, capsys, tmp_path, override, needles):

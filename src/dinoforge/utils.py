@@ -149,6 +149,27 @@ def read_yaml(path: str | Path, what: str):
     return loaded
 
 
+def parse_overrides(overrides: Iterable[str], what: str = "override"):
+    """`key=value` command-line overrides as an OmegaConf DictConfig (values parsed as YAML); a malformed one is
+    a one-line DinoforgeError naming it (`what`, e.g. "curation override", prefixes the message)."""
+    import yaml
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = list(overrides)
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise DinoforgeError(f"{what}s must be key=value, got: {' '.join(bad)}")
+    for o in overrides:  # one at a time first, so that an error names the override
+        try:
+            OmegaConf.from_dotlist([o])
+        except yaml.MarkedYAMLError as e:
+            raise DinoforgeError(f"bad {what} {o!r}: not valid YAML ({e.problem or e.context})") from None
+        except (yaml.YAMLError, OmegaConfBaseException) as e:
+            raise DinoforgeError(f"bad {what} {o!r}: {first_line(e) or type(e).__name__}") from None
+    return OmegaConf.from_dotlist(overrides)
+
+
 def unknown_keys_error(what: str, source: str, bad: list[str], tree: Mapping) -> DinoforgeError:
     """The one-line error for unknown dotted `bad` keys of a nested config `tree` (dicts or DictConfigs): each
     key with up to three close spellings and the known keys that share its last part."""

@@ -8,14 +8,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import (
-    ConfigAttributeError,
-    ConfigKeyError,
-    GrammarParseError,
     InterpolationResolutionError,
     OmegaConfBaseException,
 )
 
-from dinoforge.utils import DinoforgeError, first_line, read_yaml, unknown_keys_error
+from dinoforge.utils import DinoforgeError, first_line, parse_overrides, read_yaml, unknown_keys_error
 
 PRESETS = ("demo", "vits14", "vitb14", "vitl14", "vitl16_short", "vitg14")
 
@@ -147,13 +144,7 @@ def load_config(config: str | Path | None = None, overrides: Sequence[str] = ())
         _check_types(user, defaults, str(config))
         cfg = OmegaConf.merge(defaults, user)
     if overrides:
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise DinoforgeError(f"overrides must be key=value, got: {' '.join(bad)}")
-        try:
-            dot = OmegaConf.from_dotlist(list(overrides))
-        except (GrammarParseError, ConfigKeyError, ConfigAttributeError) as e:
-            raise DinoforgeError(f"bad override: {first_line(e)}") from None
+        dot = parse_overrides(overrides)
         _check_keys(dot, cfg, "command-line overrides")
         _check_types(dot, defaults, "command-line overrides")  # against the defaults, not the file's values
         cfg = OmegaConf.merge(cfg, dot)

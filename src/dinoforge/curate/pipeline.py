@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import torch.distributed as dist
-import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -26,6 +25,7 @@ from dinoforge.utils import (
     atomic_write,
     eprint,
     first_line,
+    parse_overrides,
     read_yaml,
     unknown_keys_error,
     write_json,
@@ -101,20 +101,6 @@ def _to_container(cfg: DictConfig, source: str, resolve: bool = False) -> dict[A
         return OmegaConf.to_container(cfg, resolve=resolve)  # type: ignore[return-value]
     except OmegaConfBaseException as e:
         raise DinoforgeError(f"{source}: {first_line(e) or type(e).__name__}") from None
-
-
-def _parse_overrides(overrides: list[str]) -> dict[Any, Any]:
-    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
-    if bad:
-        raise DinoforgeError(f"curation overrides must be key=value, got: {' '.join(bad)}")
-    for o in overrides:  # one at a time first, so that an error names the override
-        try:
-            OmegaConf.from_dotlist([o])
-        except yaml.MarkedYAMLError as e:
-            raise DinoforgeError(f"bad curation override {o!r}: not valid YAML ({e.problem or e.context})") from None
-        except (yaml.YAMLError, OmegaConfBaseException) as e:
-            raise DinoforgeError(f"bad curation override {o!r}: {first_line(e) or type(e).__name__}") from None
-    return _to_container(OmegaConf.from_dotlist(list(overrides)), "curation overrides")
 
 
 def _merge(base: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
@@ -220,7 +206,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         merged = _merge(merged, _check_keys(_load_yaml(path), str(path)))
     if overrides:
-        merged = _merge(merged, _check_keys(_parse_overrides(list(overrides)), "command-line overrides"))
+        dot = _to_container(parse_overrides(overrides, "curation override"), "curation overrides")
+        merged = _merge(merged, _check_keys(dot, "command-line overrides"))
     resolved = _to_container(OmegaConf.create(merged), "curation config", resolve=True)
     return OmegaConf.create(_check_values(resolved))
 
