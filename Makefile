@@ -35,6 +35,7 @@ test-fast: install-test
 
 lint: install-test
 	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff format --check src tests benchmarks scripts
 
 bench: install-test
 	$(BIN)/pip install -q ".[bench]"

@@ -24,9 +24,7 @@ def balanced(images: np.ndarray, labels: np.ndarray, per_class: int, rng: np.ran
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--src", default="/usr/share/datasets/fashion-mnist")
-    ap.add_argument(
-        "--out", type=Path, default=OUT, help="where to write the .npz (default: the bundled file)"
-    )
+    ap.add_argument("--out", type=Path, default=OUT, help="where to write the .npz (default: the bundled file)")
     args = ap.parse_args()
     src = Path(args.src)
     rng = np.random.default_rng(0)

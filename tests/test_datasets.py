@@ -154,9 +154,7 @@ def test_bundled_subset_regenerates_exactly_from_the_debian_files(tmp_path):
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "make_bundled_data.py"
-    subprocess.run(
-        [sys.executable, str(script), "--out", str(tmp_path / "re.npz")], check=True, capture_output=True
-    )
+    subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "re.npz")], check=True, capture_output=True)
     with np.load(tmp_path / "re.npz") as new, np.load(BUNDLED_NPZ) as shipped:
         assert sorted(new) == sorted(shipped)
         for k in shipped:

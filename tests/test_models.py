@@ -43,9 +43,7 @@ def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> to
 
 def tiny(**kw) -> DinoVisionTransformer:
     """A shallow random model with official-release defaults (patch 14, 518 px, LayerScale)."""
-    arch = dict(
-        img_size=518, patch_size=14, embed_dim=64, depth=3, num_heads=4, init_values=1.0, block_chunks=0
-    )
+    arch = dict(img_size=518, patch_size=14, embed_dim=64, depth=3, num_heads=4, init_values=1.0, block_chunks=0)
     arch.update(kw)
     return randomize_(DinoVisionTransformer(**arch))
 
@@ -117,9 +115,7 @@ def test_intermediate_layers_match_official(pair, hw):
         for kw in variants:
             a, b = ours.get_intermediate_layers(x, **kw), ref.get_intermediate_layers(x, **kw)
             assert len(a) == len(b)
-            for u, v in zip(
-                torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b), strict=True
-            ):
+            for u, v in zip(torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b), strict=True):
                 _close(u, v)
 
 
@@ -133,9 +129,7 @@ def test_chunked_official_checkpoint_matches():
     with torch.no_grad():
         for kw in (dict(n=2), dict(n=[0, 3], reshape=True, return_class_token=True)):
             a, b = fresh.eval().get_intermediate_layers(x, **kw), ref.get_intermediate_layers(x, **kw)
-            for u, v in zip(
-                torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b), strict=True
-            ):
+            for u, v in zip(torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b), strict=True):
                 _close(u, v)
 
 

@@ -146,9 +146,7 @@ def _transform_for(data: str, size: int | None, patch_size: int):
 def embed_command(
     data: Annotated[
         str,
-        typer.Option(
-            "--data", "-d", help="Image folder (recursive), .txt/.csv/.jsonl list, or bundled[:train|:val]."
-        ),
+        typer.Option("--data", "-d", help="Image folder (recursive), .txt/.csv/.jsonl list, or bundled[:train|:val]."),
     ],
     out: OutOpt,
     model: ModelOpt = None,
@@ -181,9 +179,7 @@ def embed_command(
         raise DinoforgeError(f"no images found in {data}")
     dev = next(net.parameters()).device
     t0 = time.perf_counter()
-    feats = extract_features(
-        net, dataset, batch_size, dev, patch_tokens=patch_tokens, num_workers=num_workers
-    )
+    feats = extract_features(net, dataset, batch_size, dev, patch_tokens=patch_tokens, num_workers=num_workers)
     seconds = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "features.npy", feats["cls"])

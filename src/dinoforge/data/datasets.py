@@ -180,9 +180,7 @@ def _check_classes(found: Sequence[str], classes: Sequence[str] | None, source: 
         return found
     unknown = sorted(set(found) - set(classes))
     if unknown:
-        raise DinoforgeError(
-            f"{source}: class(es) {', '.join(unknown[:5])} not among the {len(classes)} train classes"
-        )
+        raise DinoforgeError(f"{source}: class(es) {', '.join(unknown[:5])} not among the {len(classes)} train classes")
     return classes
 
 

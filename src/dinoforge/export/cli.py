@@ -11,9 +11,7 @@ import typer
 from dinoforge.cli_common import DeviceOpt, ModelOpt, OutOpt, WeightsOpt, load_model_from_opts
 from dinoforge.utils import write_json
 
-app = typer.Typer(
-    help="Export a backbone to ONNX, a Hugging Face folder or a timm state dict.", no_args_is_help=True
-)
+app = typer.Typer(help="Export a backbone to ONNX, a Hugging Face folder or a timm state dict.", no_args_is_help=True)
 
 
 def _timm_name(arch: dict) -> str:

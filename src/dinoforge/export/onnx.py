@@ -97,9 +97,7 @@ def export_onnx(model: nn.Module, path: str | Path, img_size: int | None = None,
     example = torch.randn(2, in_chans, side, side + p, device=next(model.parameters()).device)
     wrapper = _Features(model).eval()
     model.interpolate_pos_encoding = types.MethodType(_traceable_pos_encoding, model)
-    batch, height, width = (
-        torch.export.Dim(n, min=1 if n == "batch" else p) for n in ("batch", "height", "width")
-    )
+    batch, height, width = (torch.export.Dim(n, min=1 if n == "batch" else p) for n in ("batch", "height", "width"))
     try:
         torch.onnx.export(
             wrapper,

@@ -74,9 +74,7 @@ class DinoVisionTransformer(nn.Module):
         self.pad_to_patch = pad_to_patch
         self.chunked_blocks = False
 
-        self.patch_embed = PatchEmbed(
-            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim
-        )
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
         self.register_tokens = (
@@ -269,9 +267,7 @@ def _make_ffn(kind: str, dim: int, hidden: int, bias: bool) -> nn.Module:
     return nn.Identity()
 
 
-def _vit(
-    embed_dim: int, depth: int, num_heads: int, patch_size: int, kwargs: dict[str, Any]
-) -> DinoVisionTransformer:
+def _vit(embed_dim: int, depth: int, num_heads: int, patch_size: int, kwargs: dict[str, Any]) -> DinoVisionTransformer:
     kwargs.setdefault("img_size", 518)
     kwargs.setdefault("init_values", 1.0)
     kwargs.setdefault("block_chunks", 0)

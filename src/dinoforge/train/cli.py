@@ -18,9 +18,7 @@ OverridesArg = Annotated[
 def train_command(
     config: Annotated[
         str,
-        typer.Option(
-            "--config", "-c", help=f"YAML file (official layout) or preset: {', '.join(PRESETS)}."
-        ),
+        typer.Option("--config", "-c", help=f"YAML file (official layout) or preset: {', '.join(PRESETS)}."),
     ] = "demo",
     data: Annotated[
         str | None,

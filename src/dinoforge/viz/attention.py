@@ -21,9 +21,7 @@ def cls_attention(model: torch.nn.Module, img: Image.Image, size: int | None = N
     from dinoforge.data.transforms import denormalize
 
     if not hasattr(model, "get_attention_maps"):
-        raise DinoforgeError(
-            f"{type(model).__name__} does not expose attention maps; use a dinoforge backbone"
-        )
+        raise DinoforgeError(f"{type(model).__name__} does not expose attention maps; use a dinoforge backbone")
     p = int(model.patch_size)
     x = prepare_image(img, figure_size(img, size, p), p)
     h, w = x.shape[1] // p, x.shape[2] // p

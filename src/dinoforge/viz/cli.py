@@ -57,9 +57,7 @@ def pca_command(
     foreground: Annotated[
         bool, typer.Option("--foreground/--no-foreground", help="Split foreground by thresholding PC1.")
     ] = True,
-    threshold: Annotated[
-        float, typer.Option("--threshold", help="PC1 threshold in standard deviations.")
-    ] = 0.0,
+    threshold: Annotated[float, typer.Option("--threshold", help="PC1 threshold in standard deviations.")] = 0.0,
     device: DeviceOpt = "auto",
 ) -> None:
     """PCA of patch features → RGB over a set of images, with the foreground/background split of the paper.
@@ -96,9 +94,7 @@ def match_command(
     foreground: Annotated[
         bool, typer.Option("--foreground/--all-patches", help="Match only foreground patches (PC1 split).")
     ] = False,
-    max_lines: Annotated[
-        int, typer.Option("--max-lines", min=1, help="Draw at most this many matches.")
-    ] = 80,
+    max_lines: Annotated[int, typer.Option("--max-lines", min=1, help="Draw at most this many matches.")] = 80,
     device: DeviceOpt = "auto",
 ) -> None:
     """Patch matching between two images: mutual nearest neighbours of patch features, lines drawn.

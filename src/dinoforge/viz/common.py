@@ -48,9 +48,7 @@ def figure_size(img: Image.Image, size: int | None, patch_size: int) -> int:
 
 
 @torch.inference_mode()
-def patch_features(
-    model: torch.nn.Module, images: list[Image.Image], size: int | None = None
-) -> list[PatchFeatures]:
+def patch_features(model: torch.nn.Module, images: list[Image.Image], size: int | None = None) -> list[PatchFeatures]:
     """Normed patch tokens of each image (one forward per image, so aspect ratios may differ)."""
     p = int(model.patch_size)
     dev = model_device(model)

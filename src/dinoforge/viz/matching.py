@@ -66,9 +66,7 @@ def compute_matches(
     return Matches((fa, fb), _centres(fa, keep_a[ia]), _centres(fb, keep_b[ib]), s)
 
 
-def draw_matches(
-    m: Matches, out_png: str | Path, max_lines: int = 80, titles: tuple[str, str] | None = None
-) -> Path:
+def draw_matches(m: Matches, out_png: str | Path, max_lines: int = 80, titles: tuple[str, str] | None = None) -> Path:
     """Side-by-side PNG with a line per match (the `max_lines` most similar), coloured by position."""
     import matplotlib.pyplot as plt
 

@@ -46,9 +46,7 @@ def foreground_masks(feats: list[PatchFeatures], threshold: float = 0.0) -> list
     return masks
 
 
-def pca_rgb(
-    feats: list[PatchFeatures], masks: list[np.ndarray] | None = None
-) -> tuple[list[np.ndarray], np.ndarray]:
+def pca_rgb(feats: list[PatchFeatures], masks: list[np.ndarray] | None = None) -> tuple[list[np.ndarray], np.ndarray]:
     """RGB [h, w, 3] maps in [0, 1] from a joint 3-component PCA of the (masked) patches, unmasked ones black.
 
     Each component is min-max scaled over the selected patches. Returns (maps, explained variance ratio)."""
@@ -98,9 +96,7 @@ def compute_pca(
     return PCAResult(feats, masks, rgb, ratio)
 
 
-def draw_pca(
-    result: PCAResult, out_png: str | Path, titles: list[str] | None = None, max_columns: int = 8
-) -> Path:
+def draw_pca(result: PCAResult, out_png: str | Path, titles: list[str] | None = None, max_columns: int = 8) -> Path:
     """Grid PNG: one column per image (wrapped after `max_columns`); rows = image, foreground mask (when
     computed), PCA colours."""
     import matplotlib.pyplot as plt
@@ -109,9 +105,7 @@ def draw_pca(
     cols = min(n, max_columns)
     per = 3 if result.masks is not None else 2
     labels = ["input"] + (["foreground (PC1)"] if result.masks is not None else []) + ["PCA of patches"]
-    fig, axes = plt.subplots(
-        per * math.ceil(n / cols), cols, figsize=(2.6 * cols, 2.6 * per * math.ceil(n / cols))
-    )
+    fig, axes = plt.subplots(per * math.ceil(n / cols), cols, figsize=(2.6 * cols, 2.6 * per * math.ceil(n / cols)))
     axes = np.asarray(axes).reshape(-1, cols)
     for ax in axes.ravel():
         ax.set_axis_off()

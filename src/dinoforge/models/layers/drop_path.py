@@ -31,9 +31,7 @@ class DropPath(nn.Module):
         return f"p={self.drop_prob}"
 
 
-def drop_add_residual_stochastic_depth(
-    x: Tensor, residual_fn: Callable[[Tensor], Tensor], drop_ratio: float
-) -> Tensor:
+def drop_add_residual_stochastic_depth(x: Tensor, residual_fn: Callable[[Tensor], Tensor], drop_ratio: float) -> Tensor:
     """x + branch(x) computed only on a random kept subset of the batch, scaled by batch/kept.
 
     Same expectation as DropPath but skips the dropped samples' compute (worth it above ~10% drop).

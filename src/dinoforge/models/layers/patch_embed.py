@@ -8,9 +8,7 @@ from torch import Tensor, nn
 class PatchEmbed(nn.Module):
     """[B, C, H, W] -> [B, (H/p)*(W/p), D]; H and W must be multiples of the patch size."""
 
-    def __init__(
-        self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768
-    ) -> None:
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768) -> None:
         super().__init__()
         self.img_size = (img_size, img_size)
         self.patch_size = (patch_size, patch_size)
