@@ -118,7 +118,7 @@ def load_item(name: str | Path, size: int = 32) -> Image.Image:
     if item is None:
         return load_image(name)
     split, full, index = item
-    dataset = _bundled_split(split, full, size)
+    dataset = BundledDataset(split, size=size, full=full)  # cheap: the arrays are read once and cached
     if index >= len(dataset):
         raise CorruptImageError(f"no image {name}: the {split} split has {len(dataset)} images")
     return dataset.pil(index)
@@ -288,11 +288,6 @@ def _load_fashion_mnist(split: str, full: bool) -> tuple[np.ndarray, np.ndarray]
             "dataset-fashion-mnist, or use the bundled subset ('bundled')"
         )
     return read_idx(img), read_idx(lab).astype(np.int64)
-
-
-@lru_cache(maxsize=8)
-def _bundled_split(split: str, full: bool, size: int) -> BundledDataset:
-    return BundledDataset(split, size=size, full=full)
 
 
 class BundledDataset(Dataset):
