@@ -20,10 +20,12 @@ from dinoforge.data.transforms import normalize_transform
 from dinoforge.eval.knn import backbone_knn_top1
 from dinoforge.models.weights import build_backbone
 from dinoforge.train.meta_arch import backbone_kwargs
+from dinoforge.train.recipe import resolve_recipe
 
 
 def main() -> None:
     cfg = load_config("demo", [])
+    resolve_recipe(cfg, len(BundledDataset("train")))  # the demo's resolved student (LayerScale) and step count
     demo_steps = cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from dinoforge.config.config import load_config
 from dinoforge.utils import DinoforgeError
 
-TINY = [
+TINY = [  # the official recipe: these tests check the official machinery with the values given here
+    "train.recipe=official",
     "student.embed_dim=32",
     "student.depth=2",
     "student.num_heads=2",

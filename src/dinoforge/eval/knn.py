@@ -9,7 +9,7 @@ torch.distributed each rank holds a shard of the train features: local top-k, al
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -288,3 +288,15 @@ def backbone_knn_top1(
         )
         out[name] = res["full"][f"k={k}"]["top1"]
     return out
+
+
+def knn_callback(
+    train_spec: str, val_spec: str, k: int = 20, image_size: int | None = None
+) -> Callable[[torch.nn.Module], dict[str, float]]:
+    """A periodic-evaluation callback for training: k-NN top-1 (%) of a backbone as `knn_top1_<features>`."""
+
+    def evaluate(backbone: torch.nn.Module) -> dict[str, float]:
+        top1 = backbone_knn_top1(backbone, train_spec, val_spec, k=k, image_size=image_size)
+        return {f"knn_top1_{name}": v for name, v in top1.items()}
+
+    return evaluate

@@ -1,4 +1,4 @@
-"""`dinoforge train | distill | demo`."""
+"""`dinoforge train | distill`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,16 @@ OverridesArg = Annotated[
     list[str] | None,
     typer.Argument(help="Config overrides as key=value (e.g. optim.epochs=10 train.batch_size_per_gpu=32)."),
 ]
+
+
+def periodic_knn(cfg):
+    """The periodic k-NN callback `evaluation.knn_train_data`/`knn_val_data` ask for (None when unset)."""
+    from dinoforge.eval.knn import knn_callback
+
+    e = cfg.evaluation
+    if not (e.knn_train_data and e.knn_val_data):
+        return None
+    return knn_callback(e.knn_train_data, e.knn_val_data, k=e.knn_k, image_size=cfg.crops.global_crops_size)
 
 
 def train_command(
@@ -46,7 +56,7 @@ def train_command(
     from dinoforge.train.loop import train
 
     cfg = load_config(config, overrides or [])
-    summary = train(cfg, output_dir, data=data, resume=resume)
+    summary = train(cfg, output_dir, data=data, resume=resume, evaluate=periodic_knn(cfg))
     if dist_utils.is_main_process():
         typer.echo(f"teacher backbone: {summary['teacher']}")
         typer.echo(f"results in {output_dir}")
@@ -78,21 +88,8 @@ def distill_command(
     require_file(teacher, "teacher checkpoint")
     cfg = load_config(config, [*(overrides or []), "distillation.enabled=true"])
     cfg.distillation.teacher_checkpoint = str(teacher)
-    summary = train(cfg, output_dir, data=data, resume=resume)
+    summary = train(cfg, output_dir, data=data, resume=resume, evaluate=periodic_knn(cfg))
     if dist_utils.is_main_process():
         typer.echo(f"distilled student (EMA): {summary['teacher']}")
         typer.echo(f"results in {output_dir}")
     dist_utils.shutdown()
-
-
-def demo_command(
-    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where the demo writes everything.")] = Path(
-        "runs/demo"
-    ),
-    overrides: OverridesArg = None,
-) -> None:
-    """Pretrain a small ViT on the bundled Fashion-MNIST subset, evaluate k-NN (trained vs random init vs raw pixels),
-    draw a PCA-of-patch-features figure, and write summary.json."""
-    from dinoforge.demo import run_demo
-
-    run_demo(output_dir, overrides or [])

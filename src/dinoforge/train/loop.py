@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import csv
 import math
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -21,48 +21,12 @@ from dinoforge.models.weights import load_backbone, save_backbone
 from dinoforge.train import distributed as dist_utils
 from dinoforge.train.checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from dinoforge.train.data import SeededAugment, SeededCollate, StepSampler, seed_everything
+from dinoforge.train.logging import MetricsLog, Progress, StallMonitor, plot_curves
 from dinoforge.train.meta_arch import SSLMetaArch
 from dinoforge.train.param_groups import apply_optim_scheduler, fuse_params_groups, get_params_groups_with_decay
+from dinoforge.train.recipe import resolve_recipe
 from dinoforge.train.schedules import build_schedulers, scaled_lr
 from dinoforge.utils import DinoforgeError, eprint, progress_enabled, write_json
-
-
-class MetricsLog:
-    """metrics.csv (one row per logged iteration) and TensorBoard scalars; on resume, rows ≥ start are dropped."""
-
-    def __init__(self, out: Path, start_iter: int, enabled: bool):
-        self.enabled = enabled
-        self.path = out / "metrics.csv"
-        self.rows: list[dict] = []
-        self.tb = None
-        if not enabled:
-            return
-        if self.path.exists() and start_iter > 0:
-            with open(self.path) as f:
-                self.rows = [r for r in csv.DictReader(f) if int(r["iteration"]) < start_iter]
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_iter)
-        except ImportError:
-            self.tb = None
-
-    def log(self, it: int, values: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        self.rows.append({"iteration": it, **values})
-        if self.tb is not None:
-            for k, v in values.items():
-                self.tb.add_scalar(k, v, it)
-        fields = list(dict.fromkeys(k for r in self.rows for k in r))
-        with open(self.path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(self.rows)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
 
 
 def _autocast_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype | None:
@@ -72,7 +36,7 @@ def _autocast_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype | None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[mode]
 
 
-def _build_loader(cfg: DictConfig, data: str, start_iter: int, world: int, rank: int) -> DataLoader:
+def _build_loader(cfg: DictConfig, dataset, start_iter: int, world: int, rank: int) -> DataLoader:
     g, p = cfg.crops.global_crops_size, cfg.student.patch_size
     if g % p or cfg.crops.local_crops_size % p:
         raise DinoforgeError(f"crop sizes ({g}, {cfg.crops.local_crops_size}) must be multiples of patch_size {p}")
@@ -94,7 +58,6 @@ def _build_loader(cfg: DictConfig, data: str, start_iter: int, world: int, rank:
         mask_generator=MaskingGenerator(input_size=(g // p, g // p), max_num_patches=0.5 * n_tokens),
         dtype=torch.float32,
     )
-    dataset = build_dataset(data, transform=None, split="train")
     sampler = StepSampler(len(dataset), cfg.train.batch_size_per_gpu, cfg.train.seed, rank, world, start_iter)
     workers = int(cfg.train.num_workers)
     return DataLoader(
@@ -162,60 +125,32 @@ def export_teacher(model_state: dict, arch: dict, path: Path, prefix: str = "tea
     return path
 
 
-class _Progress:
-    """Rich progress bar with loss parts, lr, images/s and ETA (main process only)."""
-
-    def __init__(self, total: int, start: int, enabled: bool):
-        self.bar = None
-        if not enabled:
-            return
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.bar = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-        )
-        self.task = self.bar.add_task("train", total=total, completed=start, info="")
-        self.bar.start()
-
-    def update(self, info: str) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, advance=1, info=info)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
 def train(
-    cfg: DictConfig, output_dir: Path, data: str | None = None, resume: bool = False, quiet: bool = False
+    cfg: DictConfig,
+    output_dir: Path,
+    data: str | None = None,
+    resume: bool = False,
+    quiet: bool = False,
+    evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
 ) -> dict:
-    """Run (or resume) SSL pretraining; returns a summary with the final losses and the exported teacher path."""
+    """Run (or resume) SSL pretraining; returns a summary with the final losses and the exported teacher path.
+
+    Every `evaluation.eval_period_iterations` the teacher backbone is exported, and `evaluate` (if given) is called
+    on it; the metrics it returns are logged (metrics.csv, curves.png) and written beside the export."""
     device = dist_utils.init_from_env()
     world, rank = dist_utils.world_size(), dist_utils.rank()
     main = rank == 0
     output_dir = Path(output_dir)
     ckpt_dir = output_dir / "checkpoints"
+    dataset = build_dataset(data or cfg.train.dataset_path, transform=None, split="train")
+    resolved = resolve_recipe(cfg, len(dataset), world)
+    if resolved and main and not quiet:
+        eprint(f"recipe {cfg.train.recipe}: " + " ".join(f"{k}={v}" for k, v in resolved.items()))
     OmegaConf.set_struct(cfg, False)
     cfg.train.output_dir = str(output_dir)
     schedules = build_schedulers(cfg, world)
     cfg.optim.lr = scaled_lr(cfg.optim.base_lr, cfg.train.batch_size_per_gpu * world, cfg.optim.scaling_rule)
     OmegaConf.set_struct(cfg, True)
-    data = data or cfg.train.dataset_path
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, output_dir / "config.yaml")
@@ -253,9 +188,10 @@ def train(
     scaler = (
         torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 and cfg.compute_precision.grad_scaler else None
     )
-    loader = _build_loader(cfg, data, start_iter, world, rank)
+    loader = _build_loader(cfg, dataset, start_iter, world, rank)
     log = MetricsLog(output_dir, start_iter, enabled=main)
-    progress = _Progress(max_iter, start_iter, enabled=main and not quiet and progress_enabled())
+    progress = Progress(max_iter, start_iter, enabled=main and not quiet and progress_enabled())
+    monitor = StallMonitor(max_iter, cfg.train.recipe, warn=main and not quiet)
     last: dict[str, float] = {}
     skipped = 0
     t0, n_images = time.perf_counter(), 0
@@ -295,6 +231,7 @@ def train(
             ips = n_images / (time.perf_counter() - t0)
             last = {**values, "lr": lr, "wd": wd, "momentum": mom, "teacher_temp": teacher_temp, "images_per_s": ips}
             if it % cfg.train.log_period_iterations == 0 or it == max_iter - 1:
+                last["stalled"] = monitor.check(it, values)
                 log.log(it, last)
             progress.update(
                 f"loss {values['total_loss']:.3f} dino {values.get('dino_global_crops_loss', 0):.3f} "
@@ -305,14 +242,21 @@ def train(
                 last_ckpt = _checkpoint(cfg, model, optimizer, it, ckpt_dir, sharded, main)
             eval_period = cfg.evaluation.eval_period_iterations
             if eval_period > 0 and (it + 1) % eval_period == 0 and it != max_iter - 1:
-                _periodic_eval(cfg, model, it, output_dir, sharded, main, device, log)
+                _periodic_eval(model, it, output_dir, sharded, main, device, log, evaluate)
     finally:
         progress.close()
     state = _model_state(model, sharded)
     teacher_path = output_dir / "teacher_backbone.safetensors"
-    summary = {"iterations": max_iter, "last": last, "skipped_images": skipped, "teacher": str(teacher_path)}
+    summary = {
+        "iterations": max_iter,
+        "last": last,
+        "skipped_images": skipped,
+        "warnings": list(monitor.warnings.values()),
+        "teacher": str(teacher_path),
+    }
     if main:
         export_teacher(state, model.arch, teacher_path, model.export_prefix)
+        summary["curves"] = str(plot_curves(log.rows, output_dir / "curves.png"))
         write_json(output_dir / "train_summary.json", summary)
     log.close()
     dist_utils.barrier()
@@ -340,20 +284,14 @@ def _checkpoint(cfg, model, optimizer, it: int, ckpt_dir: Path, sharded: bool, m
     return path
 
 
-def _periodic_eval(cfg, model, it: int, output_dir: Path, sharded: bool, main: bool, device, log: MetricsLog) -> None:
-    """Export the teacher backbone (and run k-NN when labelled data is configured)."""
+def _periodic_eval(model, it: int, output_dir: Path, sharded: bool, main: bool, device, log, evaluate) -> None:
+    """Export the teacher backbone and, when the caller passed an `evaluate` callback, log what it measures."""
     state = _model_state(model, sharded)
     if not main:
         return
     eval_dir = output_dir / "eval" / f"training_{it}"
     path = export_teacher(state, model.arch, eval_dir / "teacher_backbone.safetensors", model.export_prefix)
-    if cfg.evaluation.knn_train_data and cfg.evaluation.knn_val_data:
-        from dinoforge.eval.knn import backbone_knn_top1
-
-        backbone = load_backbone(str(path), device=str(device))
-        e = cfg.evaluation
-        top1 = backbone_knn_top1(
-            backbone, e.knn_train_data, e.knn_val_data, k=e.knn_k, image_size=cfg.crops.global_crops_size
-        )
-        write_json(eval_dir / "knn.json", {"iteration": it, "k": e.knn_k, "top1": top1})
-        log.log(it, {f"knn_top1_{name}": v for name, v in top1.items()})
+    if evaluate is not None:
+        metrics = evaluate(load_backbone(str(path), device=str(device)))
+        write_json(eval_dir / "metrics.json", {"iteration": it, **metrics})
+        log.log(it, metrics)
