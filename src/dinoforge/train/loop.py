@@ -136,7 +136,8 @@ def train(
     """Run (or resume) SSL pretraining; returns a summary with the final losses and the exported teacher path.
 
     Every `evaluation.eval_period_iterations` the teacher backbone is exported, and `evaluate` (if given) is called
-    on it; the metrics it returns are logged (metrics.csv, curves.png) and written beside the export."""
+    on it and on the final teacher; what it returns is logged (metrics.csv, curves.png), written beside the export,
+    and the final result is the summary's "eval"."""
     device = dist_utils.init_from_env()
     world, rank = dist_utils.world_size(), dist_utils.rank()
     main = rank == 0
@@ -256,6 +257,9 @@ def train(
     }
     if main:
         export_teacher(state, model.arch, teacher_path, model.export_prefix)
+        if evaluate is not None:
+            summary["eval"] = evaluate(load_backbone(str(teacher_path), device=str(device)))
+            log.log(max_iter - 1, summary["eval"])
         summary["curves"] = str(plot_curves(log.rows, output_dir / "curves.png"))
         write_json(output_dir / "train_summary.json", summary)
     log.close()
