@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -189,12 +190,16 @@ def test_teacher_ema_update():
 # ---------------------------------------------------------------- the loop
 
 
-def test_train_writes_outputs_and_resume_is_exact(tmp_path, monkeypatch):
+@pytest.mark.parametrize("batched", [False, True])
+def test_train_writes_outputs_and_resume_is_exact(tmp_path, monkeypatch, batched):
+    """Per-sample PIL augmentation and batched augmentation in the collate function (crops.batched_augmentation)."""
     from dinoforge.models.weights import load_backbone
     from dinoforge.train import loop
 
+    cfg = partial(tiny_cfg, f"crops.batched_augmentation={str(batched).lower()}")
+    assert (loop._build_loader(cfg(), "bundled:train", 0, 1, 0).collate_fn.augment is not None) == batched
     full = tmp_path / "full"
-    summary = loop.train(tiny_cfg(), full, data="bundled:train", quiet=True)
+    summary = loop.train(cfg(), full, data="bundled:train", quiet=True)
     assert Path(summary["teacher"]).exists()
     backbone = load_backbone(summary["teacher"])
     assert backbone.embed_dim == 32
@@ -214,9 +219,9 @@ def test_train_writes_outputs_and_resume_is_exact(tmp_path, monkeypatch):
     part = tmp_path / "part"
     monkeypatch.setattr(loop, "_checkpoint", crash_after)
     with pytest.raises(KeyboardInterrupt):
-        loop.train(tiny_cfg(), part, data="bundled:train", quiet=True)
+        loop.train(cfg(), part, data="bundled:train", quiet=True)
     monkeypatch.setattr(loop, "_checkpoint", real)
-    loop.train(tiny_cfg(), part, data="bundled:train", resume=True, quiet=True)
+    loop.train(cfg(), part, data="bundled:train", resume=True, quiet=True)
     got = read_metrics(part)
     assert [int(r["iteration"]) for r in got] == list(range(8))
     for r_ref, r_got in zip(ref, got, strict=True):

@@ -11,16 +11,41 @@ from torchvision.transforms import InterpolationMode
 
 from dinoforge.data.transforms import normalize_transform
 
+# The paper's recipe, shared by the PIL path below and the batched tensor path (batch_augment.py).
+COLOR_JITTER: dict[str, float] = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.2, "hue": 0.1}
+JITTER_P, GRAYSCALE_P, SOLARIZE_P = 0.8, 0.2, 0.2
+SOLARIZE_THRESHOLD = 128  # of 255
+BLUR_SIGMA: tuple[float, float] = (0.1, 2.0)  # meant for 224 px crops; scaled by `blur_sigma_scale`
+BLUR_KERNEL = 9
+
+
+def blur_probabilities(official_blur: bool) -> tuple[float, float, float]:
+    """Blur probability of global crop 1, global crop 2 and the local crops; the official code applies 1 − p."""
+    intended = (1.0, 0.1, 0.5)
+    return tuple(1.0 - p for p in intended) if official_blur else intended
+
+
+def blur_kernel_size(side: int, kernel_size: int = BLUR_KERNEL) -> int:
+    """The blur kernel for a crop whose shorter side is `side`: `kernel_size`, capped at 2·side−1 (reflect padding
+    needs the half-kernel to be shorter than the side)."""
+    return min(kernel_size, 2 * side - 1)
+
+
+def gaussian_kernel(kernel_size: int, sigma: float | np.ndarray) -> np.ndarray:
+    """torchvision's normalised 1-D Gaussian kernel (float32, [k]); sigmas of shape [n] give one kernel per row."""
+    half = kernel_size // 2
+    x = np.linspace(-half, half, kernel_size, dtype=np.float32)
+    w = np.exp(-0.5 * (x / np.asarray(sigma, dtype=np.float32)[..., None]) ** 2)
+    return w / w.sum(-1, keepdims=True)
+
 
 def gaussian_blur(img: Image.Image, kernel_size: int, sigma: float) -> Image.Image:
     """torchvision's `gaussian_blur` of a PIL image (same kernel, reflect padding, rounding) as two 1-D passes:
     ~3x faster on 24 px crops, where the 2-D convolution took most of the data workers' time."""
-    half = kernel_size // 2
-    x = np.linspace(-half, half, kernel_size, dtype=np.float32)
-    w = np.exp(-0.5 * (x / np.float32(sigma)) ** 2)
+    w = gaussian_kernel(kernel_size, sigma)
     a = np.asarray(img, dtype=np.float32)
     for axis in (0, 1):
-        a = correlate1d(a, w / w.sum(), axis=axis, mode="mirror")  # scipy's "mirror" is torch's "reflect"
+        a = correlate1d(a, w, axis=axis, mode="mirror")  # scipy's "mirror" is torch's "reflect"
     return Image.fromarray(np.rint(a).astype(np.uint8), mode=img.mode)
 
 
@@ -31,7 +56,13 @@ class RandomGaussianBlur:
     on tiny crops.
     """
 
-    def __init__(self, p: float, radius_min: float = 0.1, radius_max: float = 2.0, kernel_size: int = 9) -> None:
+    def __init__(
+        self,
+        p: float,
+        radius_min: float = BLUR_SIGMA[0],
+        radius_max: float = BLUR_SIGMA[1],
+        kernel_size: int = BLUR_KERNEL,
+    ) -> None:
         self.p = p
         self.radius_min, self.radius_max = radius_min, radius_max
         self.kernel_size = kernel_size
@@ -40,7 +71,7 @@ class RandomGaussianBlur:
         if self.p <= 0 or torch.rand(()).item() >= self.p:
             return img
         sigma = torch.empty(()).uniform_(self.radius_min, self.radius_max).item()
-        kernel = min(self.kernel_size, 2 * min(img.size) - 1)
+        kernel = blur_kernel_size(min(img.size), self.kernel_size)
         return gaussian_blur(img, kernel, sigma)
 
     def __repr__(self) -> str:
@@ -80,21 +111,19 @@ class DataAugmentationDINO:
 
         def blur(p: float) -> RandomGaussianBlur:
             return RandomGaussianBlur(
-                p=1.0 - p if official_blur else p, radius_min=0.1 * blur_sigma_scale, radius_max=2.0 * blur_sigma_scale
+                p, radius_min=BLUR_SIGMA[0] * blur_sigma_scale, radius_max=BLUR_SIGMA[1] * blur_sigma_scale
             )
 
         self.geometric_global = geometric(global_crops_size, global_crops_scale)
         self.geometric_local = geometric(local_crops_size, local_crops_scale)
         colour = transforms.Compose(
             [
-                transforms.RandomApply(
-                    [transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8
-                ),
-                transforms.RandomGrayscale(p=0.2),
+                transforms.RandomApply([transforms.ColorJitter(**COLOR_JITTER)], p=JITTER_P),
+                transforms.RandomGrayscale(p=GRAYSCALE_P),
             ]
         )
-        self.blur_global1, self.blur_global2, self.blur_local = blur(1.0), blur(0.1), blur(0.5)
-        self.solarize_global2 = transforms.RandomSolarize(threshold=128, p=0.2)
+        self.blur_global1, self.blur_global2, self.blur_local = (blur(p) for p in blur_probabilities(official_blur))
+        self.solarize_global2 = transforms.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=SOLARIZE_P)
         normalize = normalize_transform()
         self.global_transfo1 = transforms.Compose([colour, self.blur_global1, normalize])
         self.global_transfo2 = transforms.Compose([colour, self.blur_global2, self.solarize_global2, normalize])

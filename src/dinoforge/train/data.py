@@ -61,7 +61,9 @@ class StepSampler(Sampler):
 
 
 class SeededAugment(Dataset):
-    """Applies the multi-crop augmentation with the RNGs seeded per (step, position): resumable and worker-independent.
+    """Applies the per-sample transform (the multi-crop augmentation, or just the uint8 conversion when the
+    augmentation is batched in `SeededCollate`) with the RNGs seeded per (step, position): resumable and
+    worker-independent.
 
     Items of the base dataset are (image, label, index) or None for a corrupt image (passed on as None).
     """
@@ -82,16 +84,26 @@ class SeededAugment(Dataset):
 
 
 class SeededCollate:
-    """Drops skipped (None) samples, seeds the mask RNGs from the batch, and calls the masking collate."""
+    """Drops skipped (None) samples, seeds the mask RNGs from the batch, and calls the masking collate.
 
-    def __init__(self, collate: Callable):
-        self.collate = collate
+    Without `augment`, samples are augmented crops and `collate(samples)` stacks and masks them. With `augment` (a
+    `BatchAugmentationDINO`), samples are uint8 images, augmented here as one batch with a generator per image seeded
+    by its (seed, step, position) key, so its crops do not depend on the batch or rank it lands in; then
+    `collate(global_crops, local_crops)` masks them.
+    """
+
+    def __init__(self, collate: Callable, augment: Callable | None = None):
+        self.collate, self.augment = collate, augment
 
     def __call__(self, samples: list):
         kept = [s for s in samples if s is not None]
         if not kept:
             return {"n_skipped": len(samples)}
         seed_everything(_mix(kept[0][1], len(kept)))
-        batch = self.collate([(crops, ()) for crops, _ in kept])
+        if self.augment is None:
+            batch = self.collate([(crops, ()) for crops, _ in kept])
+        else:
+            generators = [torch.Generator().manual_seed(seed) for _, seed in kept]
+            batch = self.collate(*self.augment([image for image, _ in kept], generators))
         batch["n_skipped"] = len(samples) - len(kept)
         return batch

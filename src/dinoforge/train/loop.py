@@ -13,7 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from dinoforge.data.augment import DataAugmentationDINO
-from dinoforge.data.collate import collate_data_and_cast
+from dinoforge.data.batch_augment import BatchAugmentationDINO, to_uint8_tensor
+from dinoforge.data.collate import collate_data_and_cast, mask_and_cast
 from dinoforge.data.datasets import build_dataset
 from dinoforge.data.masking import MaskingGenerator
 from dinoforge.models.vision_transformer import DinoVisionTransformer
@@ -41,30 +42,35 @@ def _build_loader(cfg: DictConfig, dataset, start_iter: int, world: int, rank: i
     if g % p or cfg.crops.local_crops_size % p:
         raise DinoforgeError(f"crop sizes ({g}, {cfg.crops.local_crops_size}) must be multiples of patch_size {p}")
     n_tokens = (g // p) ** 2
-    augment = DataAugmentationDINO(
+    augment_args = (
         tuple(cfg.crops.global_crops_scale),
         tuple(cfg.crops.local_crops_scale),
         cfg.crops.local_crops_number,
-        global_crops_size=g,
-        local_crops_size=cfg.crops.local_crops_size,
-        official_blur=cfg.crops.official_blur,
-        blur_sigma_scale=cfg.crops.blur_sigma_scale,
+        g,
+        cfg.crops.local_crops_size,
+        cfg.crops.official_blur,
+        cfg.crops.blur_sigma_scale,
     )
-    collate = partial(
-        collate_data_and_cast,
-        mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
-        mask_probability=cfg.ibot.mask_sample_probability,
-        n_tokens=n_tokens,
-        mask_generator=MaskingGenerator(input_size=(g // p, g // p), max_num_patches=0.5 * n_tokens),
-        dtype=torch.float32,
-    )
+    masking = {
+        "mask_ratio_tuple": tuple(cfg.ibot.mask_ratio_min_max),
+        "mask_probability": cfg.ibot.mask_sample_probability,
+        "n_tokens": n_tokens,
+        "mask_generator": MaskingGenerator(input_size=(g // p, g // p), max_num_patches=0.5 * n_tokens),
+        "dtype": torch.float32,
+    }
+    if cfg.crops.batched_augmentation:  # per sample only uint8 tensors; the augmentation runs on the whole batch
+        transform = to_uint8_tensor
+        collate = SeededCollate(partial(mask_and_cast, **masking), BatchAugmentationDINO(*augment_args))
+    else:
+        transform = DataAugmentationDINO(*augment_args)
+        collate = SeededCollate(partial(collate_data_and_cast, **masking))
     sampler = StepSampler(len(dataset), cfg.train.batch_size_per_gpu, cfg.train.seed, rank, world, start_iter)
     workers = int(cfg.train.num_workers)
     return DataLoader(
-        SeededAugment(dataset, augment),
+        SeededAugment(dataset, transform),
         batch_sampler=sampler,
         num_workers=workers,
-        collate_fn=SeededCollate(collate),
+        collate_fn=collate,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
     )
