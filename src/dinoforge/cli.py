@@ -24,7 +24,7 @@ def demo_command(
     ),
     epochs: Annotated[
         int | None,
-        typer.Option("--epochs", min=1, help="Pretraining epochs over the 10k images (preset: 2, about 4 minutes)."),
+        typer.Option("--epochs", min=1, help="Pretraining epochs over the 10k images (preset: 2, 156 steps)."),
     ] = None,
     overrides: OverridesArg = None,
 ) -> None:

@@ -50,6 +50,8 @@ def train_command(
 
     Runs on one process, or under `torchrun --nproc-per-node N -m dinoforge train ...` (gloo on CPU, NCCL on GPU;
     train.distributed=ddp|fsdp). Start from existing backbone weights with student.pretrained_weights=PATH.
+    For a short run or a small data set use train.recipe=small (schedules, LayerScale, blur and prototypes derived
+    from the run; the official presets keep train.recipe=official).
     """
     from dinoforge.config.config import load_config
     from dinoforge.train import distributed as dist_utils
