@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from dinoforge.config.config import PRESETS
+
+if TYPE_CHECKING:
+    import torch
+    from omegaconf import DictConfig
 
 OverridesArg = Annotated[
     list[str] | None,
@@ -15,7 +20,7 @@ OverridesArg = Annotated[
 ]
 
 
-def periodic_knn(cfg):
+def periodic_knn(cfg: DictConfig) -> Callable[[torch.nn.Module], dict[str, float]] | None:
     """The periodic k-NN callback `evaluation.knn_train_data`/`knn_val_data` ask for (None when unset)."""
     from dinoforge.eval.knn import knn_callback
 
