@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 from scipy.stats import ks_2samp, kstest
+from test_augment import _one_thread  # noqa: F401  (autouse: one torch thread for this module too)
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms import functional as TF
 
@@ -23,15 +24,6 @@ from dinoforge.train.data import SeededCollate
 from dinoforge.utils import DinoforgeError
 
 TV_JITTER = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small batches: threads only add contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _image(height: int, width: int, seed: int) -> torch.Tensor:
