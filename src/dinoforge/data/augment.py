@@ -15,7 +15,8 @@ from dinoforge.data.transforms import normalize_transform
 COLOR_JITTER: dict[str, float] = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.2, "hue": 0.1}
 JITTER_P, GRAYSCALE_P, SOLARIZE_P = 0.8, 0.2, 0.2
 SOLARIZE_THRESHOLD = 128  # of 255
-BLUR_SIGMA: tuple[float, float] = (0.1, 2.0)  # meant for 224 px crops; scaled by `blur_sigma_scale`
+BLUR_SIGMA: tuple[float, float] = (0.1, 2.0)  # meant for BLUR_SIGMA_CROP px crops; scaled by `blur_sigma_scale`
+BLUR_SIGMA_CROP = 224
 BLUR_KERNEL = 9
 
 

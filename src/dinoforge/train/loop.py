@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from dinoforge.data.augment import DataAugmentationDINO
 from dinoforge.data.batch_augment import BatchAugmentationDINO, to_uint8_tensor
@@ -37,7 +37,7 @@ def _autocast_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype | None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[mode]
 
 
-def _build_loader(cfg: DictConfig, dataset, start_iter: int, world: int, rank: int) -> DataLoader:
+def _build_loader(cfg: DictConfig, dataset: Dataset, start_iter: int, world: int, rank: int) -> DataLoader:
     g, p = cfg.crops.global_crops_size, cfg.student.patch_size
     if g % p or cfg.crops.local_crops_size % p:
         raise DinoforgeError(f"crop sizes ({g}, {cfg.crops.local_crops_size}) must be multiples of patch_size {p}")

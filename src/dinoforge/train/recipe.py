@@ -13,13 +13,13 @@ import math
 
 from omegaconf import DictConfig, OmegaConf
 
+from dinoforge.data.augment import BLUR_SIGMA_CROP
 from dinoforge.utils import DinoforgeError
 
 RECIPES = ("official", "small")
 EMA_HORIZON = 0.2  # the teacher's starting EMA time constant, as a fraction of the run
 LAYERSCALE = 0.1  # distinct CLS tokens at init: Sinkhorn-Knopp targets are not uniform from step 0
 TEACHER_TEMP = 0.02  # held from step 0: sharp enough that Sinkhorn-Knopp targets leave uniform (0.04: 0.92 of log K)
-OFFICIAL_CROP = 224  # the crop size the official blur sigma range (0.1, 2.0) was chosen for
 
 
 def prototypes_for(n_rows: int) -> int:
@@ -53,7 +53,7 @@ def resolve_recipe(cfg: DictConfig, n_images: int, world: int = 1) -> dict[str, 
         "teacher.warmup_teacher_temp": TEACHER_TEMP,
         "teacher.warmup_teacher_temp_epochs": 0,
         "student.layerscale": LAYERSCALE,
-        "crops.blur_sigma_scale": round(cfg.crops.global_crops_size / OFFICIAL_CROP, 4),
+        "crops.blur_sigma_scale": round(cfg.crops.global_crops_size / BLUR_SIGMA_CROP, 4),
         "dino.head_n_prototypes": k,
         "ibot.head_n_prototypes": k,
     }
