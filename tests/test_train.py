@@ -286,7 +286,8 @@ def _worker(rank: int, world: int, port: int, out: str, overrides: list[str], re
         DINOFORGE_NO_PROGRESS="1",
     )
     torch.set_num_threads(1)
-    from dinoforge.train import distributed, loop
+    from dinoforge import distributed
+    from dinoforge.train import loop
 
     loop.train(load_config("demo", overrides), Path(out), data="bundled:train", resume=resume, quiet=True)
     distributed.shutdown()

@@ -55,7 +55,7 @@ def embed_cmd(
 ) -> None:
     """Embed images into float16 shards (resumable; under torchrun each rank embeds its own shards)."""
     from dinoforge.curate.embed import embed_images
-    from dinoforge.train.distributed import init_from_env
+    from dinoforge.distributed import init_from_env
 
     init_from_env()
     stats = embed_images(data, out, model, weights, shard_size, batch_size, device)
@@ -146,7 +146,7 @@ def cluster_cmd(
     from dinoforge.curate.pipeline import montage
     from dinoforge.curate.sample import size_entropy
     from dinoforge.curate.store import EmbeddingStore
-    from dinoforge.train.distributed import init_from_env
+    from dinoforge.distributed import init_from_env
 
     init_from_env()
     pool = EmbeddingStore.open(emb)
@@ -267,7 +267,7 @@ def run_cmd(
 ) -> None:
     """Run the whole pipeline from one config: manifest.jsonl (for `dinoforge train --data`) + report."""
     from dinoforge.curate.pipeline import load_config, run_pipeline
-    from dinoforge.train.distributed import init_from_env
+    from dinoforge.distributed import init_from_env
 
     init_from_env()
     report = run_pipeline(load_config(config, overrides), out)

@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from dinoforge import distributed
 from dinoforge.curate.store import absolute_name, describe_identity, read_shard_meta
 from dinoforge.utils import DinoforgeError, eprint, files_under, write_json
 
@@ -65,13 +65,6 @@ class _Slice(Dataset):
         return absolute_name(str(getattr(self.base, "item_name", str)(self.start + i)))
 
 
-def rank_world() -> tuple[int, int]:
-    """(rank, world size) from torch.distributed when initialised, else from torchrun's env, else (0, 1)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 def embed_dataset(
     model: nn.Module,
     dataset: Dataset,
@@ -95,7 +88,7 @@ def embed_dataset(
     n = len(dataset)
     if n == 0:
         raise DinoforgeError("nothing to embed: the image set is empty")
-    r, w = rank_world()
+    r, w = distributed.rank_world_or_env()
     rank, world_size = (r if rank is None else rank), (w if world_size is None else world_size)
     if identity is None:
         identity = {"module": type(model).__qualname__}
@@ -136,8 +129,7 @@ def embed_dataset(
         stats["skipped"] += len(skipped)
         if skipped:
             eprint(f"shard {s}: skipped {len(skipped)} unreadable image(s)")
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    distributed.barrier()
     return stats
 
 

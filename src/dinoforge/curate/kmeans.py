@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from scipy.sparse import csr_matrix
 
+from dinoforge import distributed
 from dinoforge.curate.store import Data, dim, iter_batches, num_rows, row_range, take_rows, to_array
 from dinoforge.utils import DinoforgeError, track
 
@@ -28,10 +29,6 @@ class KMeansResult:
     assign: np.ndarray
     sqdist: np.ndarray
     inertia: float
-
-
-def _dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 def gpu_available() -> bool:
@@ -124,12 +121,12 @@ def kmeans_lloyd(
     """
     d = dim(data) if num_rows(data) else (init.shape[1] if init is not None else 0)
     n_local = num_rows(data)
-    world = dist.get_world_size() if _dist_on() else 1
+    world = distributed.world_size()
     sizes = torch.tensor([n_local], dtype=torch.int64)
     if world > 1:
         gathered = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
         dist.all_gather(gathered, sizes)
-        offset = int(sum(int(g) for g in gathered[: dist.get_rank()]))
+        offset = int(sum(int(g) for g in gathered[: distributed.rank()]))
         n_total = int(sum(int(g) for g in gathered))
         d = int(_all_max(d))
     else:
@@ -184,7 +181,7 @@ def _gather_global_rows(data: Data, rows: np.ndarray, offset: int, d: int) -> np
     mine = np.nonzero((rows >= offset) & (rows < offset + n_local))[0]
     if len(mine):
         out[mine] = take_rows(data, rows[mine] - offset)
-    if _dist_on() and dist.get_world_size() > 1:
+    if distributed.world_size() > 1:
         t = torch.from_numpy(out)
         dist.all_reduce(t)
         out = t.numpy()
@@ -204,7 +201,7 @@ def kmeans(
     'auto'
     (lloyd under torch.distributed or for shard lists, faiss otherwise)."""
     if engine == "auto":
-        engine = "lloyd" if (_dist_on() or not isinstance(data, np.ndarray)) else "faiss"
+        engine = "lloyd" if (distributed.is_enabled() or not isinstance(data, np.ndarray)) else "faiss"
     if engine == "faiss":
         return kmeans_faiss(data if isinstance(data, np.ndarray) else to_array(data), k, niter, seed, gpu)
     if engine == "lloyd":
@@ -224,7 +221,7 @@ def _closest_per_cluster(assign: np.ndarray, sqd: np.ndarray, k: int, m: int) ->
 def _kmeans_split_over_ranks(data: Data, k: int, niter: int, seed: int, gpu: bool) -> KMeansResult:
     """Distributed Lloyd where every rank sees the same data but processes only its contiguous row range;
     the assignments are gathered so every rank returns the full result."""
-    rank, world, n = dist.get_rank(), dist.get_world_size(), num_rows(data)
+    rank, world, n = distributed.rank(), distributed.world_size(), num_rows(data)
     bounds = [n * r // world for r in range(world + 1)]
     local = kmeans_lloyd(row_range(data, bounds[rank], bounds[rank + 1]), k, niter, seed, gpu=gpu)
     parts: list = [None] * world
@@ -301,7 +298,7 @@ def hierarchical_kmeans(
     levels: list[KMeansResult] = []
     x: Data = data
     for lvl, k in enumerate(track(ks, "hierarchical k-means")):
-        if lvl == 0 and _dist_on() and dist.get_world_size() > 1:
+        if lvl == 0 and distributed.world_size() > 1:
             res = _kmeans_split_over_ranks(x, k, niter, seed, gpu)
         else:
             res = kmeans(x, k, niter, seed + lvl, engine if lvl == 0 else "faiss", gpu)

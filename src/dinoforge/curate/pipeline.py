@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dinoforge import distributed
 from dinoforge.curate.dedup import DEFAULT_THRESHOLD, dedup, near_reference
-from dinoforge.curate.embed import embed_images, rank_world
+from dinoforge.curate.embed import embed_images
 from dinoforge.curate.kmeans import Hierarchy, hierarchical_kmeans
 from dinoforge.curate.retrieve import retrieve
 from dinoforge.curate.sample import balanced_sample, size_entropy
@@ -265,7 +265,7 @@ def run_pipeline(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     step is deterministic and repeated on each rank, so the manifest does not depend on the number of
     ranks."""
     out = Path(out_dir)
-    rank, _ = rank_world()
+    rank, _ = distributed.rank_world_or_env()
     pool = _embed(str(cfg.pool), out / "embeddings" / "pool", cfg)
     curated = {
         name: _embed(str(spec), out / "embeddings" / "curated" / name, cfg) for name, spec in cfg.curated.items()
@@ -355,8 +355,7 @@ def run_pipeline(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         write_manifest(out / "manifest.jsonl", manifest)
         _montages(out, cfg, pool, dd, clean, cluster_ids)
         write_json(out / "report.json", report)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    distributed.barrier()
     eprint(f"curated {len(manifest)} images -> {out / 'manifest.jsonl'}")
     return report
 

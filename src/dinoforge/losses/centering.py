@@ -13,16 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum `t` in place across processes when a process group exists; a no-op otherwise."""
-    if _distributed():
-        dist.all_reduce(t)
-    return t
+from dinoforge.distributed import all_reduce_sum, is_enabled
 
 
 @torch.no_grad()
@@ -53,7 +44,7 @@ def _logsumexp(x: torch.Tensor, dim: int | None, across_processes: bool) -> torc
     """
     dims = tuple(range(x.dim())) if dim is None else (dim,)
     local = torch.logsumexp(x, dim=dims, keepdim=True)  # -inf where this process has no rows
-    if not (across_processes and _distributed()):
+    if not (across_processes and is_enabled()):
         return local
     peak = local.clone()
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)

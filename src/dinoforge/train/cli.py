@@ -58,8 +58,8 @@ def train_command(
     For a short run or a small data set use train.recipe=small (schedules, LayerScale, blur and prototypes derived
     from the run; the official presets keep train.recipe=official).
     """
+    from dinoforge import distributed as dist_utils
     from dinoforge.config.config import load_config
-    from dinoforge.train import distributed as dist_utils
     from dinoforge.train.loop import train
 
     cfg = load_config(config, overrides or [])
@@ -87,8 +87,8 @@ def distill_command(
 ) -> None:
     """Distil a frozen larger teacher into the student of --config (DINOv2 §5): same losses and crops, no masking,
     iBOT on all patches, and a spare EMA of the student exported as the result (teacher_backbone.safetensors)."""
+    from dinoforge import distributed as dist_utils
     from dinoforge.config.config import load_config
-    from dinoforge.train import distributed as dist_utils
     from dinoforge.train.loop import train
     from dinoforge.utils import require_file
 

@@ -1,53 +1,15 @@
-"""torchrun-aware process groups (gloo on CPU, NCCL on GPU), gradient averaging and FSDP2 sharding."""
+"""Training's collectives over the process group that dinoforge.distributed joins: gradient averaging, rank 0's
+parameters to every process, FSDP2 sharding."""
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-
-def is_enabled() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def world_size() -> int:
-    return dist.get_world_size() if is_enabled() else 1
-
-
-def rank() -> int:
-    return dist.get_rank() if is_enabled() else 0
-
-
-def is_main_process() -> bool:
-    return rank() == 0
-
-
-def init_from_env(device: str | None = None) -> torch.device:
-    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU) and return this process's
-    device: `device` ("auto"/None: CUDA when present) with the CUDA index taken from LOCAL_RANK."""
-    from dinoforge.utils import resolve_device
-
-    use_cuda = resolve_device(device).type == "cuda"
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not is_enabled():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-
-
-def shutdown() -> None:
-    if is_enabled():
-        dist.destroy_process_group()
-
-
-def barrier() -> None:
-    if is_enabled():
-        dist.barrier()
+from dinoforge.distributed import world_size
 
 
 def average_gradients(modules: list[nn.Module]) -> None:
@@ -65,18 +27,6 @@ def average_gradients(modules: list[nn.Module]) -> None:
         for g in grads:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
-
-
-def all_reduce_mean(values: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Mean of scalar tensors over processes, as Python floats (for logging)."""
-    if not values:
-        return {}
-    keys = sorted(values)
-    stacked = torch.stack([values[k].float().reshape(()) for k in keys])
-    if world_size() > 1:
-        dist.all_reduce(stacked)
-        stacked /= world_size()
-    return dict(zip(keys, stacked.tolist(), strict=True))
 
 
 def broadcast_module(module: nn.Module) -> None:

@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
+from dinoforge import distributed as dist_utils
 from dinoforge.data.augment import DataAugmentationDINO
 from dinoforge.data.batch_augment import BatchAugmentationDINO, to_uint8_tensor
 from dinoforge.data.collate import collate_data_and_cast, mask_and_cast
@@ -19,9 +20,9 @@ from dinoforge.data.datasets import build_dataset
 from dinoforge.data.masking import MaskingGenerator
 from dinoforge.models.vision_transformer import DinoVisionTransformer
 from dinoforge.models.weights import load_backbone, save_backbone
-from dinoforge.train import distributed as dist_utils
 from dinoforge.train.checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from dinoforge.train.data import SeededAugment, SeededCollate, StepSampler, seed_everything
+from dinoforge.train.distributed import average_gradients, broadcast_module, fully_shard_model
 from dinoforge.train.logging import MetricsLog, Progress, StallMonitor, plot_curves
 from dinoforge.train.meta_arch import SSLMetaArch
 from dinoforge.train.param_groups import apply_optim_scheduler, fuse_params_groups, get_params_groups_with_decay
@@ -173,9 +174,9 @@ def train(
 
     sharded = world > 1 and cfg.train.distributed == "fsdp"
     if sharded:
-        dist_utils.fully_shard_model(model, _autocast_dtype(cfg, device))
+        fully_shard_model(model, _autocast_dtype(cfg, device))
     else:
-        dist_utils.broadcast_module(model)
+        broadcast_module(model)
     optimizer = build_optimizer(cfg, model, fused=not sharded)  # after sharding: FSDP2 swaps the parameters
 
     start_iter, last_ckpt = 0, None
@@ -221,7 +222,7 @@ def train(
                     f"non-finite loss at iteration {it} ({shown}); last good checkpoint: {last_ckpt or 'none'}"
                 )
             if not sharded:
-                dist_utils.average_gradients(list(model.student.values()))
+                average_gradients(list(model.student.values()))
             if scaler is not None:
                 scaler.unscale_(optimizer)
             if cfg.optim.clip_grad:
