@@ -144,7 +144,8 @@ def test_corrupt_files_give_one_line_errors(model, tmp_path, suffix):
 def test_hf_folder_roundtrip_and_both_name_sets(model, reg_model, tmp_path):
     from transformers import AutoModel
 
-    from dinoforge.export.hf import export_hf, hf_to_official
+    from dinoforge.export.hf import export_hf
+    from dinoforge.models.formats.hf import hf_to_official
 
     for i, m in enumerate((model, reg_model)):
         folder = export_hf(m, tmp_path / f"hf{i}")
@@ -186,7 +187,7 @@ def test_timm_state_dict_loads_into_timm(reg_model, tmp_path):
 def test_timm_giant_swiglu_layout(tmp_path):
     import timm
 
-    from dinoforge.export.timm import official_to_timm, timm_to_official
+    from dinoforge.models.formats.timm import official_to_timm, timm_to_official
 
     m = randomize_(DinoVisionTransformer(img_size=28, patch_size=14, embed_dim=1536, depth=1, num_heads=24,
                                          init_values=1.0, ffn_layer="swiglufused"), scale=0.01)  # fmt: skip

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dinoforge.models.formats.hf import hf_to_official, read_hf_folder
+from dinoforge.models.formats.timm import timm_to_official
 from dinoforge.models.layers import swiglu_hidden_features
 from dinoforge.models.vision_transformer import DinoVisionTransformer
 from dinoforge.utils import DinoforgeError, first_line, require_file
@@ -129,8 +131,6 @@ def read_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any] | 
     """Read a backbone state dict in official key names and the stored architecture (or None)."""
     path = require_file(path, "weights")
     if path.is_dir():
-        from dinoforge.export.hf import read_hf_folder
-
         return read_hf_folder(path)
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
@@ -155,8 +155,6 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, Any] | N
         raise DinoforgeError(f"cannot read weights file {path}: {type(e).__name__}: {first_line(e)[:200]}") from None
     arch = json.loads(meta[ARCH_METADATA_KEY]) if ARCH_METADATA_KEY in meta else None
     if any(k.startswith(("embeddings.", "encoder.layer.")) or ".embeddings." in k for k in tensors):
-        from dinoforge.export.hf import hf_to_official
-
         return hf_to_official(tensors), arch
     return normalize_state_dict(tensors, source=str(path)), arch
 
@@ -197,8 +195,6 @@ def normalize_state_dict(obj: dict[str, Any], source: str = "weights") -> dict[s
 
 def _from_timm(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """timm `vit_*_dinov2` layout (no mask token, reg_token, fc1/fc2 SwiGLU) to official keys."""
-    from dinoforge.export.timm import timm_to_official
-
     dim = sd["cls_token"].shape[-1]
     fc1 = sd.get("blocks.0.mlp.fc1.weight")
     swiglu = fc1 is not None and fc1.shape[0] == 2 * swiglu_hidden_features(4 * dim) != 4 * dim

@@ -1,0 +1,1 @@
+"""Other libraries' backbone weight layouts (Hugging Face transformers, timm) <-> official key names."""
