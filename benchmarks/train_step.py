@@ -42,7 +42,8 @@ _REDUCED = [  # the ViT presets at reduced crops and prototypes, so that a CPU s
     "dino.head_n_prototypes=16384",
     "ibot.head_n_prototypes=16384",
 ]
-PRESETS: dict[str, tuple[str, int, list[str]]] = {
+# benchmark model -> (config preset, default batch, overrides)
+BENCH_MODELS: dict[str, tuple[str, int, list[str]]] = {
     "demo": ("demo", 64, ["train.centering=centering"]),
     "vits14": ("vits14", 16, _REDUCED),
     # ViT-L/14 keeps its preset's stochastic depth (0.3, uniform), where dinoforge computes each residual branch
@@ -71,7 +72,7 @@ class Spec:
 def _config(spec: Spec):
     from dinoforge.config.config import load_config
 
-    preset, _, overrides = PRESETS[spec.model]
+    preset, _, overrides = BENCH_MODELS[spec.model]
     return load_config(preset, [*overrides, *spec.overrides, f"train.batch_size_per_gpu={spec.batch}"])
 
 
@@ -354,7 +355,7 @@ def measure_pair(specs: list[Spec]) -> list[dict]:
 
 
 def main(
-    models: Annotated[str, typer.Option(help=f"comma-separated presets: {', '.join(PRESETS)}")] = "demo,vits14",
+    models: Annotated[str, typer.Option(help=f"comma-separated presets: {', '.join(BENCH_MODELS)}")] = "demo,vits14",
     batch: Annotated[
         int | None, typer.Option(help="images per step (default: the preset's: demo 64, vits14 16, vitl14 8)")
     ] = None,
@@ -376,9 +377,9 @@ def main(
     Prints one JSON line per measurement and a ratio line per model (target in issue 4: ratio >= 1.5).
     """
     names = [m for m in models.split(",") if m]
-    unknown = [m for m in names if m not in PRESETS]
+    unknown = [m for m in names if m not in BENCH_MODELS]
     if unknown:
-        raise DinoforgeError(f"unknown model preset(s) {', '.join(unknown)}; choose from {', '.join(PRESETS)}")
+        raise DinoforgeError(f"unknown model preset(s) {', '.join(unknown)}; choose from {', '.join(BENCH_MODELS)}")
     chosen = [i for i in impls.split(",") if i]
     if not chosen or any(i not in IMPLS for i in chosen):
         raise DinoforgeError(f"--impls must list some of {', '.join(IMPLS)}, got {impls!r}")
@@ -398,7 +399,7 @@ def main(
             Spec(
                 i,
                 m,
-                batch or PRESETS[m][1],
+                batch or BENCH_MODELS[m][1],
                 steps,
                 warmup,
                 dev,

@@ -10,7 +10,7 @@ from test_models import randomize_, tiny
 
 from dinoforge import load_backbone
 from dinoforge.models import DinoVisionTransformer, save_backbone
-from dinoforge.models.weights import PRESETS, infer_arch, read_weights
+from dinoforge.models.weights import HUB_ARCHS, infer_arch, read_weights
 from dinoforge.utils import DinoforgeError
 
 X = torch.randn(2, 3, 56, 84, generator=torch.Generator().manual_seed(5))
@@ -40,8 +40,8 @@ def test_hub_names_build_official_configs():
     assert not m.training
     assert (m.num_register_tokens, m.interpolate_antialias, m.interpolate_offset) == (4, True, 0.0)
     assert m.pos_embed.shape == (1, 37 * 37 + 1, 384) and m.blocks[0].ls1.init_values == 1.0
-    assert PRESETS["dinov2_vitg14"]["ffn_layer"] == "swiglufused" and PRESETS["dinov2_vitl14"]["depth"] == 24
-    assert PRESETS["dinov2_vitb14"]["interpolate_offset"] == 0.1
+    assert HUB_ARCHS["dinov2_vitg14"]["ffn_layer"] == "swiglufused" and HUB_ARCHS["dinov2_vitl14"]["depth"] == 24
+    assert HUB_ARCHS["dinov2_vitb14"]["interpolate_offset"] == 0.1
     with pytest.raises(DinoforgeError, match="unknown backbone 'dinov2_vitx14'"):
         load_backbone("dinov2_vitx14")
 

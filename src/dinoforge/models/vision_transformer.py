@@ -267,30 +267,38 @@ def _make_ffn(kind: str, dim: int, hidden: int, bias: bool) -> nn.Module:
     return nn.Identity()
 
 
-def _vit(embed_dim: int, depth: int, num_heads: int, patch_size: int, kwargs: dict[str, Any]) -> DinoVisionTransformer:
+# The DINOv2 sizes, by factory name (also the config's student.arch): width, depth, heads and FFN ratio. The FFN
+# kind is not a size's: the factories default to "mlp", the released giant uses "swiglufused".
+ARCHS: dict[str, dict[str, Any]] = {
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0),
+    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0),
+    "vit_giant2": dict(embed_dim=1536, depth=40, num_heads=24, mlp_ratio=4.0),
+}
+
+
+def _vit(arch: str, patch_size: int, kwargs: dict[str, Any]) -> DinoVisionTransformer:
     kwargs.setdefault("img_size", 518)
     kwargs.setdefault("init_values", 1.0)
     kwargs.setdefault("block_chunks", 0)
-    return DinoVisionTransformer(
-        patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=4, **kwargs
-    )
+    return DinoVisionTransformer(patch_size=patch_size, **ARCHS[arch], **kwargs)
 
 
 def vit_small(patch_size: int = 14, **kwargs: Any) -> DinoVisionTransformer:
     """ViT-S: 384 wide, 12 blocks, 6 heads."""
-    return _vit(384, 12, 6, patch_size, kwargs)
+    return _vit("vit_small", patch_size, kwargs)
 
 
 def vit_base(patch_size: int = 14, **kwargs: Any) -> DinoVisionTransformer:
     """ViT-B: 768 wide, 12 blocks, 12 heads."""
-    return _vit(768, 12, 12, patch_size, kwargs)
+    return _vit("vit_base", patch_size, kwargs)
 
 
 def vit_large(patch_size: int = 14, **kwargs: Any) -> DinoVisionTransformer:
     """ViT-L: 1024 wide, 24 blocks, 16 heads."""
-    return _vit(1024, 24, 16, patch_size, kwargs)
+    return _vit("vit_large", patch_size, kwargs)
 
 
 def vit_giant2(patch_size: int = 14, **kwargs: Any) -> DinoVisionTransformer:
     """ViT-g/2 of DINOv2: 1536 wide, 40 blocks, 24 heads (use ffn_layer='swiglufused' as released)."""
-    return _vit(1536, 40, 24, patch_size, kwargs)
+    return _vit("vit_giant2", patch_size, kwargs)

@@ -17,25 +17,26 @@ from torch import Tensor
 from dinoforge.models.formats.hf import hf_to_official, read_hf_folder
 from dinoforge.models.formats.timm import timm_to_official
 from dinoforge.models.layers import swiglu_hidden_features
-from dinoforge.models.vision_transformer import DinoVisionTransformer
+from dinoforge.models.vision_transformer import ARCHS, DinoVisionTransformer
 from dinoforge.utils import DinoforgeError, first_line, require_file
 
-_SIZES = {
-    "s": dict(embed_dim=384, depth=12, num_heads=6, ffn_layer="mlp"),
-    "b": dict(embed_dim=768, depth=12, num_heads=12, ffn_layer="mlp"),
-    "l": dict(embed_dim=1024, depth=24, num_heads=16, ffn_layer="mlp"),
-    "g": dict(embed_dim=1536, depth=40, num_heads=24, ffn_layer="swiglufused"),
+# released hub models: letter of the name -> size in ARCHS, and the FFN each size was released with
+_HUB_SIZES = {
+    "s": ("vit_small", "mlp"),
+    "b": ("vit_base", "mlp"),
+    "l": ("vit_large", "mlp"),
+    "g": ("vit_giant2", "swiglufused"),
 }
 _HUB_COMMON = dict(
-    img_size=518, patch_size=14, mlp_ratio=4.0, init_values=1.0, block_chunks=0,
+    img_size=518, patch_size=14, init_values=1.0, block_chunks=0,
     num_register_tokens=0, interpolate_antialias=False, interpolate_offset=0.1,
 )  # fmt: skip
 _REG = dict(num_register_tokens=4, interpolate_antialias=True, interpolate_offset=0.0)
-PRESETS: dict[str, dict[str, Any]] = {}
-for _s, _a in _SIZES.items():
-    PRESETS[f"dinov2_vit{_s}14"] = {**_HUB_COMMON, **_a}
-    PRESETS[f"dinov2_vit{_s}14_reg"] = {**_HUB_COMMON, **_a, **_REG}
-_HEADS_BY_WIDTH = {a["embed_dim"]: a["num_heads"] for a in _SIZES.values()}
+HUB_ARCHS: dict[str, dict[str, Any]] = {}  # hub name (dinov2_vits14, ..._reg) -> constructor keywords
+for _s, (_size, _ffn) in _HUB_SIZES.items():
+    HUB_ARCHS[f"dinov2_vit{_s}14"] = {**_HUB_COMMON, **ARCHS[_size], "ffn_layer": _ffn}
+    HUB_ARCHS[f"dinov2_vit{_s}14_reg"] = {**HUB_ARCHS[f"dinov2_vit{_s}14"], **_REG}
+_HEADS_BY_WIDTH = {a["embed_dim"]: a["num_heads"] for a in ARCHS.values()}
 ARCH_METADATA_KEY = "dinoforge_arch"
 
 
@@ -62,13 +63,13 @@ def load_backbone(
     inferred from tensor shapes; `overrides` (e.g. pad_to_patch=True) are applied last. Eval mode.
     """
     name = str(name_or_path)
-    if name in PRESETS:
-        arch = dict(PRESETS[name])
+    if name in HUB_ARCHS:
+        arch = dict(HUB_ARCHS[name])
     else:
         if not Path(name).exists():
             if "/" in name or Path(name).suffix:
                 raise DinoforgeError(f"weights not found: {name}")
-            known = ", ".join(PRESETS)
+            known = ", ".join(HUB_ARCHS)
             raise DinoforgeError(f"unknown backbone {name!r}: not a file or folder and not one of {known}")
         weights = weights if weights is not None else name
         arch = None

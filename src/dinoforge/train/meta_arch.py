@@ -12,25 +12,18 @@ from torch import nn
 
 from dinoforge.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinoforge.models.heads import DINOHead
-from dinoforge.models.vision_transformer import DinoVisionTransformer
+from dinoforge.models.vision_transformer import ARCHS, DinoVisionTransformer
 from dinoforge.train.distributed import reshard
-
-ARCH_PRESETS = {
-    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
-    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
-    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
-    "vit_giant2": dict(embed_dim=1536, depth=40, num_heads=24),
-}
 
 
 def backbone_kwargs(cfg: DictConfig) -> dict:
     """Constructor kwargs of the student backbone from the official `student`/`crops` keys."""
     s = cfg.student
-    if s.arch not in ARCH_PRESETS:
+    if s.arch not in ARCHS:
         from dinoforge.utils import DinoforgeError
 
-        raise DinoforgeError(f"unknown student.arch {s.arch!r}; choose from {', '.join(ARCH_PRESETS)}")
-    kw = dict(ARCH_PRESETS[s.arch])
+        raise DinoforgeError(f"unknown student.arch {s.arch!r}; choose from {', '.join(ARCHS)}")
+    kw = dict(ARCHS[s.arch])
     for key in ("embed_dim", "depth", "num_heads"):
         if s[key] is not None:
             kw[key] = int(s[key])
