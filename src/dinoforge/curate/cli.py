@@ -266,7 +266,8 @@ def run_cmd(
     ] = None,
 ) -> None:
     """Run the whole pipeline from one config: manifest.jsonl (for `dinoforge train --data`) + report."""
-    from dinoforge.curate.pipeline import load_config, run_pipeline
+    from dinoforge.curate.config import load_config
+    from dinoforge.curate.pipeline import run_pipeline
     from dinoforge.distributed import init_from_env
 
     init_from_env()
