@@ -13,9 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
+from dinoforge.curate.config import load_config
 from dinoforge.curate.dedup import DEFAULT_THRESHOLD, dedup, duplicate_pairs
 from dinoforge.curate.embed import ThumbnailDescriptor, embed_dataset, embed_images
-from dinoforge.curate.pipeline import load_config, run_pipeline
+from dinoforge.curate.pipeline import run_pipeline
 from dinoforge.curate.store import EmbeddingStore
 from dinoforge.data.datasets import FileListDataset, load_sample_photos
 from dinoforge.utils import DinoforgeError

@@ -12,7 +12,6 @@ import numpy as np
 from omegaconf import DictConfig
 
 from dinoforge import distributed
-from dinoforge.curate.config import load_config
 from dinoforge.curate.dedup import dedup, near_reference
 from dinoforge.curate.embed import embed_images
 from dinoforge.curate.kmeans import Hierarchy, hierarchical_kmeans
@@ -20,9 +19,6 @@ from dinoforge.curate.retrieve import retrieve
 from dinoforge.curate.sample import balanced_sample, size_entropy
 from dinoforge.curate.store import EmbeddingStore, absolute_name, take_rows
 from dinoforge.utils import DinoforgeError, atomic_write, eprint, write_json
-
-# load_config (from curate.config) is public here too: a run is loaded and run from this one module
-__all__ = ["load_config", "montage", "run_pipeline", "write_manifest"]
 
 
 def write_manifest(path: str | Path, records: list[dict[str, Any]]) -> Path:
