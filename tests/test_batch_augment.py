@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 from scipy.stats import ks_2samp, kstest
-from test_augment import _one_thread  # noqa: F401  (autouse: one torch thread for this module too)
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms import functional as TF
 
@@ -22,6 +21,8 @@ from dinoforge.data.masking import MaskingGenerator
 from dinoforge.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from dinoforge.train.data import SeededCollate
 from dinoforge.utils import DinoforgeError
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny per-image ops
 
 TV_JITTER = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
 

@@ -22,6 +22,13 @@ def seed_everything(seed: int) -> None:
     torch.default_generator.manual_seed(seed)
 
 
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Seed the global RNGs from (seed, step, rank) before a training step, so the model's own randomness
+    (stochastic depth) does not depend on what ran before in this process (data-loading workers' base seed, a
+    resume): a resumed run draws what an uninterrupted one did."""
+    seed_everything(_mix(seed, step, rank, 1))
+
+
 class StepSampler(Sampler):
     """Yields, for global step s onwards, this rank's slice of the step's global batch as (index, seed) keys.
 

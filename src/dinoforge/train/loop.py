@@ -21,7 +21,7 @@ from dinoforge.models.vision_transformer import DinoVisionTransformer
 from dinoforge.models.weights import load_backbone, save_backbone
 from dinoforge.train import distributed as dist_utils
 from dinoforge.train.checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from dinoforge.train.data import SeededAugment, SeededCollate, StepSampler, seed_everything
+from dinoforge.train.data import SeededAugment, SeededCollate, StepSampler, seed_everything, seed_step
 from dinoforge.train.logging import MetricsLog, Progress, StallMonitor, plot_curves
 from dinoforge.train.meta_arch import SSLMetaArch
 from dinoforge.train.param_groups import apply_optim_scheduler, fuse_params_groups, get_params_groups_with_decay
@@ -212,6 +212,7 @@ def train(
             teacher_temp = schedules.teacher_temp[it]
             apply_optim_scheduler(optimizer, lr, wd, schedules.last_layer_lr[it])
             optimizer.zero_grad(set_to_none=True)
+            seed_step(cfg.train.seed, it, rank)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 parts = model.forward_backward(batch, teacher_temp=teacher_temp, scaler=scaler)
             values = dist_utils.all_reduce_mean(parts)
