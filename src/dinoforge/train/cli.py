@@ -59,6 +59,7 @@ def train_command(
     from the run; the official presets keep train.recipe=official).
     """
     from dinoforge.config.config import load_config
+    from dinoforge.data.datasets import report_skipped
     from dinoforge.train import distributed as dist_utils
     from dinoforge.train.loop import train
 
@@ -67,6 +68,7 @@ def train_command(
     if dist_utils.is_main_process():
         typer.echo(f"teacher backbone: {summary['teacher']}")
         typer.echo(f"results in {output_dir}")
+        report_skipped([summary["first_skipped_image"]], summary["skipped_images"])
     dist_utils.shutdown()
 
 
@@ -88,6 +90,7 @@ def distill_command(
     """Distil a frozen larger teacher into the student of --config (DINOv2 §5): same losses and crops, no masking,
     iBOT on all patches, and a spare EMA of the student exported as the result (teacher_backbone.safetensors)."""
     from dinoforge.config.config import load_config
+    from dinoforge.data.datasets import report_skipped
     from dinoforge.train import distributed as dist_utils
     from dinoforge.train.loop import train
     from dinoforge.utils import require_file
@@ -99,4 +102,5 @@ def distill_command(
     if dist_utils.is_main_process():
         typer.echo(f"distilled student (EMA): {summary['teacher']}")
         typer.echo(f"results in {output_dir}")
+        report_skipped([summary["first_skipped_image"]], summary["skipped_images"])
     dist_utils.shutdown()
