@@ -416,6 +416,44 @@ def test_bf16_autocast_tracks_fp32_and_fsdp2_mixed_precision_runs(tmp_path):
     assert two == pytest.approx(one, rel=1e-2)
 
 
+def test_fp16_autocast_with_grad_scaler(tmp_path, monkeypatch, one_thread):
+    """fp16 autocast on CPU with the grad scaler (compute_precision.grad_scaler): the losses follow the fp32 run's,
+    and an inf gradient injected at step 3 is caught by the scaler: that optimizer step is skipped (the student is
+    unchanged) and the scale halves, and the run ends with finite losses. Unscaled, the inf reaches AdamW, the
+    student turns NaN and the run stops at the next loss."""
+    from dinoforge.train import loop
+    from dinoforge.train.meta_arch import SSLMetaArch
+
+    real = SSLMetaArch.forward_backward
+    seen = []  # per step: (scale before it, a student parameter before it)
+
+    def record(self, batch, teacher_temp, scaler=None):
+        seen.append((scaler.get_scale() if scaler else None, self.student.backbone.cls_token.detach().clone()))
+        out = real(self, batch, teacher_temp, scaler)
+        if len(seen) == 4:
+            self.student.backbone.cls_token.grad[0, 0, 0] = float("inf")
+        return out
+
+    loop.train(tiny_cfg(), tmp_path / "fp32", data="bundled:train", quiet=True)
+    monkeypatch.setattr(SSLMetaArch, "forward_backward", record)
+    # this tiny model's parameter gradients reach ~1.4e3: from torch's default initial scale 2^16 the scaler would
+    # (rightly) skip every one of the 8 steps while backing off; start it at 16, where none overflows by itself
+    monkeypatch.setattr(torch.amp, "GradScaler", partial(torch.amp.GradScaler, init_scale=16.0))
+    loop.train(tiny_cfg("compute_precision.autocast=fp16"), tmp_path / "fp16", data="bundled:train", quiet=True)
+    fp32, fp16 = ([float(r["total_loss"]) for r in read_metrics(tmp_path / m)] for m in ("fp32", "fp16"))
+    # Tolerance 4 %: fp16 rounds each operation to 2^-11 ≈ 5e-4 relative, but KoLeo (−log of nearest-neighbour
+    # distances between near-identical CLS tokens) amplifies it (1.7 % on its term at step 0), the trajectories drift
+    # apart over 8 steps (measured ≤ 2 % on the total without the injected inf), and the skipped step 3 delays the
+    # student by one step (≈ 1 %). A run that did not train (every step skipped) is 25 % off by step 7.
+    assert all(math.isfinite(v) for v in fp16)
+    assert fp16 == pytest.approx(fp32, rel=4e-2)
+    assert fp16 != fp32  # autocast did change the arithmetic
+    scales = [s for s, _ in seen]
+    assert scales[:4] == [16.0] * 4 and scales[4:] == [8.0] * 4  # halved once, by the injected inf
+    assert torch.equal(seen[3][1], seen[4][1])  # the step with the inf gradient was skipped
+    assert not torch.equal(seen[2][1], seen[3][1]) and not torch.equal(seen[4][1], seen[5][1])  # the others were not
+
+
 def test_distillation_under_fsdp_matches_one_process(tmp_path):
     """Distillation with FSDP2 (frozen teacher, student and its EMA sharded) over 2 processes × 4 equals 1 × 8."""
     from dinoforge.train.checkpoint import list_checkpoints
