@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_cli_errors import CLI_ENV, run_cli
-from test_train import TINY, assert_same_run, read_metrics
+from test_train import TINY, assert_same_run, read_metrics, tiny_cfg
 
 from dinoforge.models.weights import load_backbone
 from dinoforge.train.checkpoint import list_checkpoints, load_checkpoint
@@ -50,29 +50,30 @@ def _stderr_lines(r: subprocess.CompletedProcess, start: str) -> list[str]:
     return [line for line in r.stderr.splitlines() if line.startswith(start)]
 
 
+def _run_tiny(args: list[str], data: tuple[Path, Path], *overrides: str) -> subprocess.CompletedProcess:
+    """`dinoforge ARGS -c demo --data FOLDER` with the tiny config and `overrides`: exit 0, and one stderr line
+    reporting the folder's corrupt image."""
+    folder, broken = data
+    r = run_cli(*args, "-c", "demo", "--data", str(folder), *TINY, *overrides, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _stderr_lines(r, "skipped ") == [SKIPPED_LINE.format(broken)]
+    return r
+
+
 def test_train_and_distill_commands_write_what_the_readme_lists(tmp_path, folder_with_corrupt_image):
     """8 steps of the tiny config on 16 images + 1 corrupt file (met in several epochs, reported once), a
     checkpoint every step with train.keep_checkpoints=2, a teacher export at step 4; then distillation of that run
     into a narrower student."""
-    data, broken = folder_with_corrupt_image
+    broken = folder_with_corrupt_image[1]
     out = tmp_path / "run"
-    r = run_cli(
-        "train",
-        "-c",
-        "demo",
-        "--data",
-        str(data),
-        "-o",
-        str(out),
-        *TINY,
+    r = _run_tiny(
+        ["train", "-o", str(out)],
+        folder_with_corrupt_image,
         "train.checkpoint_period_iterations=1",
         "train.keep_checkpoints=2",
         "evaluation.eval_period_iterations=4",
-        timeout=300,
     )
-    assert r.returncode == 0, r.stderr[-3000:]
     assert f"results in {out}" in r.stdout and f"teacher backbone: {out / 'teacher_backbone.safetensors'}" in r.stdout
-    assert _stderr_lines(r, "skipped ") == [SKIPPED_LINE.format(broken)]
 
     assert (out / "config.yaml").read_text().count("keep_checkpoints: 2") == 1
     rows = read_metrics(out)
@@ -97,25 +98,15 @@ def test_train_and_distill_commands_write_what_the_readme_lists(tmp_path, folder
     assert teacher.embed_dim == 32 and teacher(torch.zeros(1, 3, 16, 16)).shape == (1, 32)
 
     student = tmp_path / "distilled"
-    r = run_cli(
-        "distill",
-        "--teacher",
-        str(out / "checkpoints" / "model_0000007.pth"),
-        "-c",
-        "demo",
-        "--data",
-        str(data),
-        "-o",
-        str(student),
-        *TINY,
+    teacher_ckpt = str(out / "checkpoints" / "model_0000007.pth")
+    r = _run_tiny(
+        ["distill", "--teacher", teacher_ckpt, "-o", str(student)],
+        folder_with_corrupt_image,
         "optim.epochs=1",
         "student.embed_dim=16",
         "student.num_heads=1",
-        timeout=300,
     )
-    assert r.returncode == 0, r.stderr[-3000:]
     assert f"distilled student (EMA): {student / 'teacher_backbone.safetensors'}" in r.stdout
-    assert _stderr_lines(r, "skipped ") == [SKIPPED_LINE.format(broken)]
     assert [int(row["iteration"]) for row in read_metrics(student)] == list(range(4))
     assert json.loads((student / "train_summary.json").read_text())["iterations"] == 4
     assert [p.name for p in list_checkpoints(student / "checkpoints")] == ["model_0000001.pth", "model_0000003.pth"]
@@ -124,7 +115,6 @@ def test_train_and_distill_commands_write_what_the_readme_lists(tmp_path, folder
 
 def test_embed_and_eval_report_skipped_images(tmp_path, folder_with_corrupt_image):
     """The tiny backbone embeds and k-NN-evaluates the folder with a corrupt file: one `skipped` line each."""
-    from test_train import tiny_cfg
 
     from dinoforge.models.weights import build_backbone, save_backbone
     from dinoforge.train.meta_arch import backbone_kwargs
