@@ -15,13 +15,7 @@ from dinoforge.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 N_DRAWS = 300
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny per-image ops: threads only add contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny per-image ops
 
 
 def _image(size: int = 48) -> Image.Image:

@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 from scipy.stats import ks_2samp, kstest
-from test_augment import _one_thread  # noqa: F401  (autouse: one torch thread for this module too)
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms import functional as TF
 
@@ -22,6 +21,8 @@ from dinoforge.data.masking import MaskingGenerator
 from dinoforge.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from dinoforge.train.data import SeededCollate
 from dinoforge.utils import DinoforgeError
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny per-image ops
 
 TV_JITTER = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
 
@@ -247,8 +248,8 @@ def test_per_image_generators_make_crops_independent_of_the_batch():
 
 
 def test_seeded_collate_augments_the_batch_and_counts_skipped_samples():
-    """The training collate of the batched path: None samples are dropped and counted, each kept image is
-    augmented with a generator seeded by its own key, then the iBOT masks are drawn for its global crops."""
+    """The training collate of the batched path: unreadable samples are dropped and their indices listed, each kept
+    image is augmented with a generator seeded by its own key, then the iBOT masks are drawn for its global crops."""
     aug = BatchAugmentationDINO(local_crops_number=2, global_crops_size=16, local_crops_size=8)
     masking = partial(
         mask_and_cast,
@@ -259,10 +260,10 @@ def test_seeded_collate_augments_the_batch_and_counts_skipped_samples():
     )
     collate = SeededCollate(masking, aug)
     images = [_image(32, 32, 0), _image(28, 36, 1)]
-    batch = collate([(images[0], 11), None, (images[1], 22), None])
-    assert batch["n_skipped"] == 2
+    batch = collate([(images[0], 11), (None, 5), (images[1], 22), (None, 3)])
+    assert batch["skipped"] == [5, 3]
     global_crops, local_crops = aug(images, _generators(11, 22))
     assert torch.equal(batch["collated_global_crops"], global_crops)
     assert torch.equal(batch["collated_local_crops"], local_crops)
     assert batch["collated_masks"].shape == (4, 16) and batch["collated_masks"].any()
-    assert collate([None, None]) == {"n_skipped": 2}
+    assert collate([(None, 1), (None, 2)]) == {"skipped": [1, 2]}

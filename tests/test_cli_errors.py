@@ -14,15 +14,18 @@ import sys
 
 import pytest
 
+# the environment of CLI subprocesses: no progress bars, one OpenMP thread (tiny models on a shared CPU)
+CLI_ENV = {**os.environ, "DINOFORGE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
 
-def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+
+def run_cli(*args: str, cwd=None, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "dinoforge", *args],
         capture_output=True,
         text=True,
         cwd=cwd,
-        timeout=120,
-        env={**os.environ, "DINOFORGE_NO_PROGRESS": "1"},
+        timeout=timeout,
+        env=CLI_ENV,
     )
 
 

@@ -7,14 +7,7 @@ from sklearn.linear_model import LogisticRegression
 
 from dinoforge.eval.logreg import default_c_grid, fit_logreg, logreg_evaluate
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny full-batch problems: extra OpenMP threads only add contention on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny full-batch problems
 
 
 def _blobs(n, dim=12, classes=4, noise=1.5, seed=0):

@@ -169,7 +169,7 @@ def embed_command(
 ) -> None:
     """Embed images with a backbone: writes features.npy (CLS), patch_tokens.npy (--patch-tokens), labels.npy,
     files.txt (embedded items in row order), skipped.txt (corrupt/non-image files) and meta.json."""
-    from dinoforge.data.datasets import build_dataset
+    from dinoforge.data.datasets import build_dataset, report_skipped
 
     net = load_model_from_opts(model, weights, device)
     patch_size = int(getattr(net, "patch_size", 14))
@@ -210,3 +210,4 @@ def embed_command(
         },
     )
     typer.echo(f"embedded {len(feats['cls'])} images, skipped {len(skipped)} -> {out}")
+    report_skipped(feats["skipped_names"])

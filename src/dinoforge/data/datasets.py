@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
-from dinoforge.utils import DinoforgeError
+from dinoforge.utils import DinoforgeError, eprint
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 MANIFEST_EXTENSIONS: frozenset[str] = frozenset({".txt", ".csv", ".jsonl"})
@@ -326,6 +326,17 @@ class BundledDataset(Dataset):
     def item_name(self, index: int) -> str:
         """A stable name for item `index`, e.g. `bundled:val/17`."""
         return f"{'bundled-full' if self.full else 'bundled'}:{self.split}/{index}"
+
+
+def report_skipped(names: Sequence[str], count: int | None = None) -> None:
+    """Tell the user, at the end of a command, that unreadable images were skipped: one stderr line
+    `skipped N unreadable images (first: PATH)`, nothing when none was. `names` are the skipped items in the order
+    met (at least the first; an image met twice, e.g. in train and val data, counts once); `count` is how many in
+    all when `names` holds only some."""
+    names = list(dict.fromkeys(names))
+    count = len(names) if count is None else count
+    if count:
+        eprint(f"skipped {count} unreadable images (first: {names[0]})")
 
 
 def collate_skip_none(batch: list) -> Any:

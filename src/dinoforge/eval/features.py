@@ -164,7 +164,7 @@ def dataset_features(
     classes: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Features of one data spec (bundled:train, folder, file list), from the cache when possible, plus the
-    dataset's class names under "classes" (the label index).
+    dataset's class names under "classes" (the label index) and the unreadable images' names under "skipped_names".
 
     The cache key uses `data_id` when given (else the resolved folder/file list), the class list, and the
     path, size and modification time of every image, so edited or replaced images are embedded again."""
@@ -186,7 +186,12 @@ def dataset_features(
         return extract_multilayer(net, dataset, batch_size, dev, n_last_blocks, desc=f"features {spec}")
 
     feats = cached(key, compute, n_last_blocks) if use_cache else compute()
-    return {**feats, "classes": list(getattr(dataset, "classes", []))}
+    skipped = np.setdiff1d(np.arange(len(dataset)), feats["indices"])
+    return {
+        **feats,
+        "classes": list(getattr(dataset, "classes", [])),
+        "skipped_names": [dataset.item_name(int(i)) for i in skipped],
+    }
 
 
 def features_from_opts(

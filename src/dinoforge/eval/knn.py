@@ -18,6 +18,7 @@ import typer
 
 from dinoforge import distributed as dist_utils
 from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, WeightsOpt
+from dinoforge.data.datasets import report_skipped
 from dinoforge.eval.features import CacheOpt, ImageSizeOpt, TrainDataOpt, ValDataOpt, features_from_opts
 from dinoforge.utils import DinoforgeError, write_json
 
@@ -253,6 +254,7 @@ def knn_command(
     for name, val in metrics["full"].items():
         print(f"{name}: top1 {val['top1']:.2f}  top5 {val['top5']:.2f}")
     print(out)
+    report_skipped(tr["skipped_names"] + te["skipped_names"])
 
 
 def backbone_knn_top1(

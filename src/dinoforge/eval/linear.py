@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import typer
 
 from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, WeightsOpt
+from dinoforge.data.datasets import report_skipped
 from dinoforge.eval.features import (
     ARRAYS,
     CacheOpt,
@@ -179,3 +180,4 @@ def linear_command(
     write_json(Path(out) / "metrics.json", metrics)
     print(f"linear top1 {metrics['top1']:.2f} (best head {metrics['best_head']})")
     print(out)
+    report_skipped(tr["skipped_names"] + te["skipped_names"])

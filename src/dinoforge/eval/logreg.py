@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import typer
 
 from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, WeightsOpt
+from dinoforge.data.datasets import report_skipped
 from dinoforge.eval.features import CacheOpt, ImageSizeOpt, TrainDataOpt, ValDataOpt, features_from_opts
 from dinoforge.utils import DinoforgeError, track, write_json
 
@@ -155,3 +156,4 @@ def logreg_command(
     write_json(Path(out) / "metrics.json", metrics)
     print(f"logreg top1 {metrics['top1']:.2f} (C={metrics['best_C']:.3g})")
     print(out)
+    report_skipped(tr["skipped_names"] + te["skipped_names"])

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import typer
 
 from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, WeightsOpt
+from dinoforge.data.datasets import report_skipped
 from dinoforge.eval.features import CacheOpt, ImageSizeOpt, features_from_opts, path_list_features
 from dinoforge.utils import DinoforgeError, read_json, require_file, write_json
 
@@ -172,6 +173,7 @@ def retrieval_command(
         (feats,) = features_from_opts(model, weights, [data], out, batch_size, device, image_size, cache)
         metrics = labelled_retrieval(torch.from_numpy(feats["cls"][:, -1]), torch.from_numpy(feats["labels"]))
         metrics["data"] = data
+        report_skipped(feats["skipped_names"])
         line = "  ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k not in ("data", "n_queries"))
     write_json(Path(out) / "metrics.json", metrics)
     print(line)

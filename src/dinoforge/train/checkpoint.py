@@ -50,6 +50,20 @@ def save_checkpoint(ckpt_dir: Path, iteration: int, payload: dict, keep: int = 3
     return path
 
 
+def load_newest_checkpoint(ckpt_dir: Path) -> tuple[Path, dict, list[str]] | None:
+    """The newest checkpoint that reads (path, content) and why each newer one did not (a file cut short by a
+    crash outside save_checkpoint, a foreign file); None when the folder holds none; an error when none reads."""
+    unreadable = []
+    for path in reversed(list_checkpoints(ckpt_dir)):
+        try:
+            return path, load_checkpoint(path), unreadable
+        except DinoforgeError as e:
+            unreadable.append(str(e))
+    if unreadable:
+        raise DinoforgeError(f"no readable checkpoint in {ckpt_dir}: {'; '.join(unreadable)}")
+    return None
+
+
 def load_checkpoint(path: Path) -> dict:
     """Load a checkpoint written by save_checkpoint."""
     try:

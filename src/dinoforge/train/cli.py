@@ -60,6 +60,7 @@ def train_command(
     """
     from dinoforge import distributed as dist_utils
     from dinoforge.config.config import load_config
+    from dinoforge.data.datasets import report_skipped
     from dinoforge.train.loop import train
 
     cfg = load_config(config, overrides or [])
@@ -67,6 +68,7 @@ def train_command(
     if dist_utils.is_main_process():
         typer.echo(f"teacher backbone: {summary['teacher']}")
         typer.echo(f"results in {output_dir}")
+        report_skipped([summary["first_skipped_image"]], summary["skipped_images"])
     dist_utils.shutdown()
 
 
@@ -89,6 +91,7 @@ def distill_command(
     iBOT on all patches, and a spare EMA of the student exported as the result (teacher_backbone.safetensors)."""
     from dinoforge import distributed as dist_utils
     from dinoforge.config.config import load_config
+    from dinoforge.data.datasets import report_skipped
     from dinoforge.train.loop import train
     from dinoforge.utils import require_file
 
@@ -99,4 +102,5 @@ def distill_command(
     if dist_utils.is_main_process():
         typer.echo(f"distilled student (EMA): {summary['teacher']}")
         typer.echo(f"results in {output_dir}")
+        report_skipped([summary["first_skipped_image"]], summary["skipped_images"])
     dist_utils.shutdown()

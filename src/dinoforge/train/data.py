@@ -22,6 +22,13 @@ def seed_everything(seed: int) -> None:
     torch.default_generator.manual_seed(seed)
 
 
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Seed the global RNGs from (seed, step, rank) before a training step, so the model's own randomness
+    (stochastic depth) does not depend on what ran before in this process (data-loading workers' base seed, a
+    resume): a resumed run draws what an uninterrupted one did."""
+    seed_everything(_mix(seed, step, rank, 1))
+
+
 class StepSampler(Sampler):
     """Yields, for global step s onwards, this rank's slice of the step's global batch as (index, seed) keys.
 
@@ -65,7 +72,7 @@ class SeededAugment(Dataset):
     augmentation is batched in `SeededCollate`) with the RNGs seeded per (step, position): resumable and
     worker-independent.
 
-    Items of the base dataset are (image, label, index) or None for a corrupt image (passed on as None).
+    Items of the base dataset are (image, label, index) or None for a corrupt image, passed on as (None, index).
     """
 
     def __init__(self, base: Dataset, transform: Callable):
@@ -78,13 +85,14 @@ class SeededAugment(Dataset):
         index, seed = key
         item = self.base[index]
         if item is None:
-            return None
+            return None, index
         seed_everything(seed)
         return self.transform(item[0]), seed
 
 
 class SeededCollate:
-    """Drops skipped (None) samples, seeds the mask RNGs from the batch, and calls the masking collate.
+    """Drops the samples of unreadable images ((None, dataset index)), lists their indices under "skipped", seeds the
+    mask RNGs from the batch, and calls the masking collate.
 
     Without `augment`, samples are augmented crops and `collate(samples)` stacks and masks them. With `augment` (a
     `BatchAugmentationDINO`), samples are uint8 images, augmented here as one batch with a generator per image seeded
@@ -96,14 +104,15 @@ class SeededCollate:
         self.collate, self.augment = collate, augment
 
     def __call__(self, samples: list):
-        kept = [s for s in samples if s is not None]
+        kept = [s for s in samples if s[0] is not None]
+        skipped = [index for image, index in samples if image is None]
         if not kept:
-            return {"n_skipped": len(samples)}
+            return {"skipped": skipped}
         seed_everything(_mix(kept[0][1], len(kept)))
         if self.augment is None:
             batch = self.collate([(crops, ()) for crops, _ in kept])
         else:
             generators = [torch.Generator().manual_seed(seed) for _, seed in kept]
             batch = self.collate(*self.augment([image for image, _ in kept], generators))
-        batch["n_skipped"] = len(samples) - len(kept)
+        batch["skipped"] = skipped
         return batch

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 from pathlib import Path
 
-from dinoforge.utils import eprint
+from dinoforge.utils import atomic_write, eprint
 
 # A DINO teacher whose prototype distribution keeps this fraction of log K (uniform targets: no signal for the CLS
 # token), or whose normalised CLS spread falls below COLLAPSED_CLS_STD (every image the same), past
@@ -44,10 +45,11 @@ class MetricsLog:
             for k, v in values.items():
                 self.tb.add_scalar(k, v, it)
         fields = list(dict.fromkeys(k for r in self.rows for k in r))
-        with open(self.path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(self.rows)
+        text = io.StringIO(newline="")
+        w = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(self.rows)
+        atomic_write(self.path, lambda f: f.write(text.getvalue().encode()))  # a kill never leaves half a file
 
     def close(self) -> None:
         if self.tb is not None:

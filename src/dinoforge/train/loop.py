@@ -20,8 +20,8 @@ from dinoforge.data.datasets import build_dataset
 from dinoforge.data.masking import MaskingGenerator
 from dinoforge.models.vision_transformer import DinoVisionTransformer
 from dinoforge.models.weights import load_backbone, save_backbone
-from dinoforge.train.checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from dinoforge.train.data import SeededAugment, SeededCollate, StepSampler, seed_everything
+from dinoforge.train.checkpoint import load_newest_checkpoint, rng_state, save_checkpoint, set_rng_state
+from dinoforge.train.data import SeededAugment, SeededCollate, StepSampler, seed_everything, seed_step
 from dinoforge.train.distributed import average_gradients, broadcast_module, fully_shard_model
 from dinoforge.train.logging import MetricsLog, Progress, StallMonitor, plot_curves
 from dinoforge.train.meta_arch import SSLMetaArch
@@ -180,14 +180,15 @@ def train(
     optimizer = build_optimizer(cfg, model, fused=not sharded)  # after sharding: FSDP2 swaps the parameters
 
     start_iter, last_ckpt = 0, None
-    existing = list_checkpoints(ckpt_dir)
-    if resume and existing:
-        last_ckpt = existing[-1]
-        ckpt = load_checkpoint(last_ckpt)
+    newest = load_newest_checkpoint(ckpt_dir) if resume else None
+    if newest is not None:
+        last_ckpt, ckpt, unreadable = newest
         _load_full_state(model, optimizer, ckpt, sharded)
         set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
         start_iter = ckpt["iteration"] + 1
         if main and not quiet:
+            for reason in unreadable:
+                eprint(f"warning: skipping a newer checkpoint: {reason}")
             eprint(f"resuming from {last_ckpt} at iteration {start_iter}")
     elif resume and main and not quiet:
         eprint(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch")
@@ -201,11 +202,11 @@ def train(
     progress = Progress(max_iter, start_iter, enabled=main and not quiet and progress_enabled())
     monitor = StallMonitor(max_iter, cfg.train.recipe, warn=main and not quiet)
     last: dict[str, float] = {}
-    skipped = 0
+    skipped: dict[int, None] = {}  # dataset indices of unreadable images, in the order met (each once)
     t0, n_images = time.perf_counter(), 0
     try:
         for it, batch in zip(range(start_iter, max_iter), loader, strict=False):
-            skipped += batch["n_skipped"]
+            skipped.update(dict.fromkeys(batch["skipped"]))
             if "collated_global_crops" not in batch:
                 continue
             batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
@@ -213,6 +214,7 @@ def train(
             teacher_temp = schedules.teacher_temp[it]
             apply_optim_scheduler(optimizer, lr, wd, schedules.last_layer_lr[it])
             optimizer.zero_grad(set_to_none=True)
+            seed_step(cfg.train.seed, it, rank)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 parts = model.forward_backward(batch, teacher_temp=teacher_temp, scaler=scaler)
             values = dist_utils.all_reduce_mean(parts)
@@ -258,7 +260,8 @@ def train(
     summary = {
         "iterations": max_iter,
         "last": last,
-        "skipped_images": skipped,
+        "skipped_images": len(skipped),
+        "first_skipped_image": dataset.item_name(next(iter(skipped))) if skipped else None,
         "warnings": list(monitor.warnings.values()),
         "teacher": str(teacher_path),
     }
