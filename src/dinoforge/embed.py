@@ -1,134 +1,18 @@
-"""Feature extraction: `extract_features` (used by eval, curate and viz) and the `dinoforge embed` command."""
+"""The `dinoforge embed` command: features of an image set written as .npy files."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import numpy as np
-import torch
 import typer
-from torch.utils.data import DataLoader, Dataset
 
 from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, WeightsOpt, load_model_from_opts
-from dinoforge.utils import DinoforgeError, resolve_device, track, write_json
-
-
-def _collate_by_shape(batch: list) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Drop None (corrupt) samples and stack the rest in groups of equal image shape, so aspect-keeping
-    transforms can be batched without padding every image to the largest one."""
-    groups: dict[tuple[int, ...], list] = {}
-    for sample in batch:
-        if sample is None:
-            continue
-        img = sample[0]
-        if not isinstance(img, torch.Tensor):
-            raise DinoforgeError("extract_features needs a dataset with a transform that returns tensors")
-        groups.setdefault(tuple(img.shape), []).append(sample)
-    return [
-        (
-            torch.stack([s[0] for s in group]),
-            torch.tensor([s[1] for s in group], dtype=torch.int64),
-            torch.tensor([s[2] for s in group], dtype=torch.int64),
-        )
-        for group in groups.values()
-    ]
-
-
-def _autocast(device: torch.device):
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
-
-
-@contextlib.contextmanager
-def frozen(model: torch.nn.Module, device: torch.device) -> Iterator[None]:
-    """`model` on `device` in eval mode, under inference mode (and autocast on CUDA); its mode restored after."""
-    was_training = model.training
-    model.to(device).eval()
-    try:
-        with torch.inference_mode(), _autocast(device):
-            yield
-    finally:
-        model.train(was_training)
-
-
-def image_batches(
-    dataset: Dataset, batch_size: int, desc: str, num_workers: int = 0, pin_memory: bool = False
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(images, labels, dataset indices) over a dataset of `(tensor, label, index)` items in order, with a
-    progress bar; corrupt items (None) dropped, images of different shapes in separate groups."""
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=_collate_by_shape,
-        pin_memory=pin_memory,
-    )
-    for groups in track(loader, desc, total=math.ceil(len(dataset) / batch_size)):
-        yield from groups
-
-
-def extract_features(
-    model: torch.nn.Module,
-    dataset: Dataset,
-    batch_size: int = 64,
-    device: str | torch.device = "cpu",
-    patch_tokens: bool = False,
-    num_workers: int = 0,
-    desc: str = "embedding",
-) -> dict[str, Any]:
-    """Run a backbone over a dataset of `(tensor, label, index)` items (None = corrupt, skipped).
-
-    Returns "cls" float32 [N, D], "patch" float32 [N, n_patches, D] when asked, "labels" and "indices"
-    (dataset indices kept, in order), "skipped" (indices of corrupt items) and "skipped_names"."""
-    dev = resolve_device(str(device)) if not isinstance(device, torch.device) else device
-    n = len(dataset)
-    cls = patch = None
-    labels = np.empty(n, dtype=np.int64)
-    indices = np.empty(n, dtype=np.int64)
-    k = 0
-    with frozen(model, dev):
-        for x, y, idx in image_batches(dataset, batch_size, desc, num_workers, pin_memory=dev.type == "cuda"):
-            out = model.forward_features(x.to(dev, non_blocking=True))
-            c = out["x_norm_clstoken"].float().cpu().numpy()
-            if cls is None:
-                cls = np.empty((n, c.shape[1]), dtype=np.float32)
-            cls[k : k + len(c)] = c
-            if patch_tokens:
-                p = out["x_norm_patchtokens"].float().cpu().numpy()
-                if patch is None:
-                    patch = np.empty((n, *p.shape[1:]), dtype=np.float32)
-                elif p.shape[1:] != patch.shape[1:]:
-                    raise DinoforgeError(
-                        f"patch tokens need equal token grids, got {p.shape[1]} and {patch.shape[1]} "
-                        "patches; use a fixed-size transform (centre crop)"
-                    )
-                patch[k : k + len(p)] = p
-            labels[k : k + len(c)] = y.numpy()
-            indices[k : k + len(c)] = idx.numpy()
-            k += len(c)
-    if cls is None:
-        raise DinoforgeError(f"no readable image among the {n} items of the dataset")
-    order = np.argsort(indices[:k], kind="stable")
-    skipped = np.setdiff1d(np.arange(n), indices[:k])
-    name = getattr(dataset, "item_name", str)
-    result: dict[str, Any] = {
-        "cls": cls[:k][order],
-        "labels": labels[:k][order],
-        "indices": indices[:k][order],
-        "skipped": skipped,
-        "skipped_names": [name(int(i)) for i in skipped],
-    }
-    if patch_tokens:
-        result["patch"] = patch[:k][order]
-    return result
+from dinoforge.eval.features import extract_features
+from dinoforge.utils import DinoforgeError, write_json
 
 
 def _transform_for(data: str, size: int | None, patch_size: int):

@@ -24,8 +24,7 @@ import typer
 from torch import nn
 
 from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, WeightsOpt, load_model_from_opts
-from dinoforge.eval.features import CacheOpt, model_fingerprint
-from dinoforge.eval.segmentation import (
+from dinoforge.eval.dense import (
     PREVIEWS,
     extract_dense,
     list_pairs,
@@ -34,6 +33,7 @@ from dinoforge.eval.segmentation import (
     save_previews,
     train_dense_head,
 )
+from dinoforge.eval.features import CacheOpt, model_fingerprint
 from dinoforge.utils import DinoforgeError, atomic_torch_save, resolve_device, track, write_json
 
 DEPTH_EXTS = (".png", ".npy")

@@ -20,10 +20,11 @@ from torch.utils.data import Dataset
 from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, WeightsOpt, load_model_from_opts
 from dinoforge.data.datasets import is_image_file, load_image
 from dinoforge.eval.features import (
+    ARRAYS,
     CacheOpt,
     cached,
     eval_transform_for,
-    extract_multilayer,
+    extract_features,
     feature_key,
     model_fingerprint,
 )
@@ -149,7 +150,10 @@ def clip_features(
     dataset = FrameDataset(clips, t, transform)
 
     def compute() -> dict[str, np.ndarray]:
-        return extract_multilayer(backbone, dataset, batch_size, device, 1, desc="frame features")
+        feats = extract_features(
+            backbone, dataset, batch_size, device, desc="frame features", layers=1, patch_mean=True
+        )
+        return {name: feats[name] for name in ARRAYS}
 
     if fingerprint is None:
         feats = compute()
