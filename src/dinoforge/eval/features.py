@@ -18,36 +18,18 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
 import torch
-import typer
 from torch.utils.data import DataLoader, Dataset
 
-from dinoforge.utils import DinoforgeError, files_under, resolve_device, track
+from dinoforge.utils import DinoforgeError, files_under, resolve_device, track, write_json
 
 ARRAYS = ("cls", "patch_avg", "labels", "indices")
-
-TrainDataOpt = Annotated[
-    str, typer.Option("--train-data", help="Train images: bundled:train, an ImageFolder tree or a file list.")
-]
-ValDataOpt = Annotated[str, typer.Option("--val-data", help="Test images, same forms as --train-data.")]
-ImageSizeOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--image-size",
-        min=1,
-        help="Eval side in px: centre crop (after resize side*256/224) for folders, canvas for bundled. "
-        "Default: 224 for folders, the native 32 px (rounded to the patch) for the bundled set.",
-    ),
-]
-CacheOpt = Annotated[
-    bool,
-    typer.Option("--cache/--no-cache", help="Reuse cached features of the same backbone + data + transform."),
-]
 
 
 def cache_root() -> Path:
@@ -301,29 +283,24 @@ def dataset_features(
     return {**feats, "classes": list(getattr(dataset, "classes", []))}
 
 
-def features_from_opts(
-    model: str | None,
-    weights: Path | None,
+def labelled_features(
+    net: torch.nn.Module,
+    fingerprint: str,
     specs: Sequence[str],
     out: Path,
     batch_size: int,
-    device: str,
     image_size: int | None,
     use_cache: bool,
     n_last_blocks: int = 1,
 ) -> list[dict[str, Any]]:
-    """Load the backbone from CLI options and return (cached) features for each labelled data spec, in order.
+    """(Cached) features of a backbone for each labelled data spec, in order.
 
     The first spec is read as the train split and the others as the val split of a folder with such
     sub-folders; class names index labels in the first spec's order, so every split agrees. Unlabelled data
-    is an error. `out` is created so the command can write its metrics there."""
-    from dinoforge.cli_common import load_model_from_opts
-
+    is an error. `out` is created so the evaluation can write its metrics there."""
+    Path(out).mkdir(parents=True, exist_ok=True)
     splits = ["train" if i == 0 and len(specs) > 1 else "val" for i in range(len(specs))]
     classes = None  # the first spec's, once read
-    net = load_model_from_opts(model, weights, device)
-    fingerprint = model_fingerprint(net, weights if weights is not None else model)
-    Path(out).mkdir(parents=True, exist_ok=True)
     result = []
     for spec, split in zip(specs, splits, strict=True):
         feats = dataset_features(
@@ -340,31 +317,22 @@ def features_from_opts(
 
 
 def path_list_features(
-    model: str | None,
-    weights: Path | None,
+    net: torch.nn.Module,
+    fingerprint: str,
     path_lists: Sequence[Sequence[Path]],
     out: Path,
     batch_size: int,
-    device: str,
     image_size: int | None,
     use_cache: bool,
 ) -> list[np.ndarray]:
-    """Final CLS features (N × D) of explicit image path lists (retrieval queries and database).
-
-    A missing image is an error; the lists are written as file lists into `out` and cached by content."""
-    missing = [str(p) for paths in path_lists for p in paths if not Path(p).is_file()]
-    if missing:
-        raise DinoforgeError(f"{len(missing)} image(s) not found, e.g. {missing[0]}")
+    """Final CLS features (N × D) of a backbone for explicit image path lists (retrieval queries and
+    database); the lists are written as file lists into `out` and cached by content."""
     Path(out).mkdir(parents=True, exist_ok=True)
     specs = []
     for i, paths in enumerate(path_lists):
         manifest = Path(out) / f"images_{i}.txt"
         manifest.write_text("".join(f"{Path(p).resolve()}\n" for p in paths))
         specs.append(str(manifest))
-    from dinoforge.cli_common import load_model_from_opts
-
-    net = load_model_from_opts(model, weights, device)
-    fingerprint = model_fingerprint(net, weights if weights is not None else model)
     result = []
     for spec, paths in zip(specs, path_lists, strict=True):
         # keyed by the listed paths, not the manifest location, so another --out still hits the cache
@@ -374,3 +342,68 @@ def path_list_features(
             raise DinoforgeError(f"{len(paths) - len(feats['indices'])} unreadable image(s) in the retrieval set")
         result.append(feats["cls"][:, -1])
     return result
+
+
+def _embed_transform(data: str, size: int | None, patch_size: int) -> tuple[Any, int | None]:
+    """The transform of `dinoforge embed`: bundled images at their native size (rounded up to the patch),
+    otherwise the official resize 256 / crop 224, or an aspect-keeping `size`."""
+    from dinoforge.data.transforms import eval_transform, eval_transform_size, normalize_transform
+
+    if data.split(":")[0] in ("bundled", "bundled-full") and not Path(data).exists():
+        return normalize_transform(), math.ceil((size or 32) / patch_size) * patch_size
+    if size is None:
+        return eval_transform(), None
+    return eval_transform_size(size, patch_size), None
+
+
+def save_embeddings(
+    net: torch.nn.Module,
+    data: str,
+    out: Path,
+    *,
+    patch_tokens: bool = False,
+    size: int | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    record: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Embed an image set (folder, file list, bundled) into `out`: features.npy (CLS), patch_tokens.npy
+    (`patch_tokens`), labels.npy, files.txt (embedded items in row order), skipped.txt (corrupt/non-image
+    files) and meta.json, which starts with `record` (what the backbone is); returns the meta."""
+    from dinoforge.data.datasets import build_dataset
+
+    patch_size = int(getattr(net, "patch_size", 14))
+    transform, bundled_size = _embed_transform(data, size, patch_size)
+    dataset = build_dataset(data, transform=transform, size=bundled_size or 32)
+    if len(dataset) == 0:
+        raise DinoforgeError(f"no images found in {data}")
+    dev = next(net.parameters()).device
+    t0 = time.perf_counter()
+    feats = extract_features(net, dataset, batch_size, dev, patch_tokens=patch_tokens, num_workers=num_workers)
+    seconds = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "features.npy", feats["cls"])
+    np.save(out / "labels.npy", feats["labels"])
+    if patch_tokens:
+        np.save(out / "patch_tokens.npy", feats["patch"])
+    name = getattr(dataset, "item_name", str)
+    (out / "files.txt").write_text("".join(f"{name(int(i))}\n" for i in feats["indices"]))
+    ignored = [str(p) for p in getattr(dataset, "ignored", [])]
+    skipped = feats["skipped_names"] + ignored
+    (out / "skipped.txt").write_text("".join(f"{s}\n" for s in skipped))
+    meta = {
+        **(record or {}),
+        "data": data,
+        "transform": repr(transform),
+        "num_images": int(len(feats["cls"])),
+        "dim": int(feats["cls"].shape[1]),
+        "patch_tokens_shape": list(feats["patch"].shape) if patch_tokens else None,
+        "num_corrupt": len(feats["skipped_names"]),
+        "num_non_image_files": len(ignored),
+        "classes": list(getattr(dataset, "classes", [])),
+        "device": str(dev),
+        "seconds": round(seconds, 3),
+        "images_per_s": round(len(feats["cls"]) / max(seconds, 1e-9), 2),
+    }
+    write_json(out / "meta.json", meta)
+    return meta

@@ -15,10 +15,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import typer
 
-from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, WeightsOpt
-from dinoforge.eval.features import CacheOpt, ImageSizeOpt, TrainDataOpt, ValDataOpt, features_from_opts
+from dinoforge.eval.features import labelled_features
 from dinoforge.utils import DinoforgeError, write_json
 
 
@@ -191,7 +189,7 @@ def knn_evaluate(
     return result
 
 
-def _torchrun_shard(device: str) -> tuple[int, int] | None:
+def torchrun_shard(device: str) -> tuple[int, int] | None:
     """(rank, world) under torchrun (WORLD_SIZE > 1), starting the process group if needed; else None."""
     from dinoforge.train import distributed
 
@@ -201,34 +199,28 @@ def _torchrun_shard(device: str) -> tuple[int, int] | None:
     return distributed.rank(), distributed.world_size()
 
 
-def knn_command(
-    model: ModelOpt = None,
-    weights: WeightsOpt = None,
-    train_data: TrainDataOpt = "bundled:train",
-    val_data: ValDataOpt = "bundled:val",
-    out: OutOpt = Path("runs/eval_knn"),
-    ks: list[int] = typer.Option([10, 20, 100, 200], "--k", min=1, help="Numbers of neighbours (repeat the option)."),
-    temperature: float = typer.Option(
-        0.07, "--temperature", "-T", min=1e-6, help="Vote temperature: weight exp(sim/T)."
-    ),
-    n_per_class: list[int] = typer.Option(
-        [], "--n-per-class", min=1, help="Few-shot: train images per class (repeat)."
-    ),
-    n_tries: int = typer.Option(1, "--n-tries", min=1, help="Random few-shot subsets (seeds) per n."),
-    image_size: ImageSizeOpt = None,
-    batch_size: BatchOpt = 64,
-    device: DeviceOpt = "auto",
-    cache: CacheOpt = True,
-) -> None:
-    """k-NN classification of frozen CLS features (cosine, temperature-weighted vote), top-1/top-5 per k.
-
-    Under torchrun the train features are sharded across ranks. Writes metrics.json into --out and prints
-    the folder.
-    """
-    shard = _torchrun_shard(device)
+def run_knn_eval(
+    net: torch.nn.Module,
+    fingerprint: str | None,
+    train_data: str,
+    val_data: str,
+    out: Path,
+    *,
+    ks: Sequence[int] = (10, 20, 100, 200),
+    temperature: float = 0.07,
+    n_per_class: Sequence[int] = (),
+    n_tries: int = 1,
+    image_size: int | None = None,
+    batch_size: int = 64,
+    use_cache: bool = True,
+    shard: tuple[int, int] | None = None,
+) -> dict | None:
+    """k-NN evaluation of a backbone, train → val data specs; writes metrics.json into `out` and returns the
+    metrics. Under torchrun (`shard=(rank, world)`) rank 0 extracts the features first, every rank votes with
+    its slice of the train features, and only rank 0 writes and returns the metrics (the others None)."""
     if shard is not None and shard[0] != 0:
         dist.barrier()  # rank 0 extracts (or loads) the features first; the others then read its cache
-    tr, te = features_from_opts(model, weights, [train_data, val_data], out, batch_size, device, image_size, cache)
+    tr, te = labelled_features(net, fingerprint, [train_data, val_data], out, batch_size, image_size, use_cache)
     if shard is not None and shard[0] == 0:
         dist.barrier()
     metrics = knn_evaluate(
@@ -243,7 +235,7 @@ def knn_command(
         shard=shard,
     )
     if shard is not None and shard[0] != 0:
-        return
+        return None
     metrics.update(
         train_data=train_data,
         val_data=val_data,
@@ -252,9 +244,7 @@ def knn_command(
         n_test=len(te["labels"]),
     )
     write_json(Path(out) / "metrics.json", metrics)
-    for name, val in metrics["full"].items():
-        print(f"{name}: top1 {val['top1']:.2f}  top5 {val['top5']:.2f}")
-    print(out)
+    return metrics
 
 
 def backbone_knn_top1(

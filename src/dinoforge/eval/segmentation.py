@@ -15,16 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import typer
 from PIL import Image
 from torch import nn
 
-from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, WeightsOpt, load_model_from_opts
 from dinoforge.eval.dense import (
     IGNORE_INDEX,
     PREVIEWS,
@@ -37,8 +34,7 @@ from dinoforge.eval.dense import (
     save_previews,
     train_dense_head,
 )
-from dinoforge.eval.features import CacheOpt, model_fingerprint
-from dinoforge.utils import DinoforgeError, atomic_torch_save, resolve_device, track, write_json
+from dinoforge.utils import DinoforgeError, atomic_torch_save, track, write_json
 
 
 def load_mask(path: Path) -> torch.Tensor:
@@ -202,45 +198,19 @@ def _max_id(mask: torch.Tensor) -> int:
     return int(valid.max()) if valid.numel() else -1
 
 
-def _parse_scales(text: str) -> list[float]:
-    try:
-        scales = [float(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise DinoforgeError(f"--ms-scales must be comma-separated numbers, got {text!r}") from None
-    if not scales or any(s <= 0 for s in scales):
-        raise DinoforgeError(f"--ms-scales must be positive numbers, got {text!r}")
-    return scales
-
-
 def seg_single_scale(
-    backbone: nn.Module,
     head: LinearSegHead,
-    images: Sequence[Path],
+    features: torch.Tensor,
     masks: Sequence[torch.Tensor],
     num_classes: int,
-    side: int,
-    layers: int,
-    batch_size: int = 16,
     device: torch.device | str = "cpu",
-    fingerprint: str | None = None,
 ) -> tuple[dict, list[torch.Tensor]]:
-    """Score val images at the training side from (cached) frozen features: (metrics, the first PREVIEWS
-    predicted class maps)."""
-    feats = extract_dense(
-        backbone,
-        images,
-        side,
-        layers,
-        batch_size=batch_size,
-        device=device,
-        description="val features",
-        fingerprint=fingerprint,
-    )
-    metrics = evaluate_seg(head, feats, masks, num_classes, device=device)
+    """Score val features extracted at the training side: (metrics, the first PREVIEWS predicted class maps)."""
+    metrics = evaluate_seg(head, features, masks, num_classes, device=device)
     with torch.no_grad():
         previews = [
-            head(feats[i : i + 1].to(device), size=tuple(masks[i].shape))[0].argmax(0).cpu()
-            for i in range(min(PREVIEWS, len(images)))
+            head(features[i : i + 1].to(device), size=tuple(masks[i].shape))[0].argmax(0).cpu()
+            for i in range(min(PREVIEWS, len(features)))
         ]
     return metrics, previews
 
@@ -323,9 +293,17 @@ def run_seg_eval(
         )
     val_images = [p for p, _ in val_pairs]
     if list(scales) == [1.0] and not flip:
-        metrics, previews = seg_single_scale(
-            backbone, head, val_images, val_masks, num_classes, side, layers, batch_size, device, fingerprint
+        val_feats = extract_dense(
+            backbone,
+            val_images,
+            side,
+            layers,
+            batch_size=batch_size,
+            device=device,
+            description="val features",
+            fingerprint=fingerprint,
         )
+        metrics, previews = seg_single_scale(head, val_feats, val_masks, num_classes, device)
     else:
         metrics, previews = seg_multi_scale(
             backbone, head, val_images, val_masks, num_classes, side, layers, scales, flip, device
@@ -352,56 +330,3 @@ def run_seg_eval(
         out / "head.pt",
     )
     return result
-
-
-def seg_command(
-    train_data: Annotated[Path, typer.Option("--train-data", help="Folder with images/ and masks/ (same stems).")],
-    val_data: Annotated[Path, typer.Option("--val-data", help="Validation folder, same layout as --train-data.")],
-    out: OutOpt = Path("runs/eval_seg"),
-    model: ModelOpt = None,
-    weights: WeightsOpt = None,
-    num_classes: Annotated[
-        int | None,
-        typer.Option("--num-classes", min=1, help="Classes (default: 1 + largest id in train masks)."),
-    ] = None,
-    layers: Annotated[int, typer.Option("--layers", min=1, help="1 = last block (lin.), 4 = last four (+ms).")] = 1,
-    size: Annotated[int, typer.Option("--size", min=1, help="Square side the images are resized to.")] = 448,
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the cached train features.")] = 20,
-    lr: Annotated[float, typer.Option("--lr", help="AdamW peak learning rate.")] = 1e-3,
-    ms_scales: Annotated[
-        str,
-        typer.Option("--ms-scales", help="Test scales, e.g. 1.0,1.32,1.73,2.28,3.0 (paper's +ms); averaged."),
-    ] = "1.0",
-    flip: Annotated[
-        bool, typer.Option("--flip/--no-flip", help="Also average horizontally flipped test views.")
-    ] = False,
-    batch_size: BatchOpt = 16,
-    device: DeviceOpt = "auto",
-    cache: CacheOpt = True,
-) -> None:
-    """Semantic segmentation linear probe: BN + 1x1 conv on frozen patch tokens, mIoU and per-class IoU.
-
-    Layout: DIR/images/<stem>.jpg|png and DIR/masks/<stem>.png (pixel = class id, 255 = ignore).
-    Writes metrics.json, head.pt and predictions.png (a few val images) into --out.
-    """
-    dev = resolve_device(device)
-    backbone = load_model_from_opts(model, weights, str(dev))
-    fingerprint = model_fingerprint(backbone, weights if weights is not None else model) if cache else None
-    result = run_seg_eval(
-        backbone,
-        train_data,
-        val_data,
-        out,
-        num_classes=num_classes,
-        layers=layers,
-        size=size,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        scales=_parse_scales(ms_scales),
-        flip=flip,
-        device=dev,
-        fingerprint=fingerprint,
-    )
-    print(f"mIoU {100 * result['miou']:.2f}  pixel acc {100 * result['pixel_acc']:.2f}")
-    print(f"results in {out}")
