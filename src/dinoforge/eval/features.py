@@ -1,9 +1,10 @@
 """Frozen-backbone features: the one extractor (`extract_features`, per batch `batch_features`) that embed,
 every evaluation, the dense probes, curation and the figures use, and the evaluations' on-disk feature cache.
 
-Per image the evaluations keep the normed class token of the last `n` blocks (`cls`, N × n × D, last block last) and the
-average of the last block's normed patch tokens (`patch_avg`, N × D), from `get_intermediate_layers`; k-NN,
-logistic regression and retrieval use `cls[:, -1]` (the backbone's output), the linear probe all of them.
+Per image the evaluations keep the normed class token of the last `n` blocks (`cls`, N × n × D, last block
+last) and the average of the last block's normed patch tokens (`patch_avg`, N × D), from
+`get_intermediate_layers`; k-NN, logistic regression and retrieval use `cls[:, -1]` (the backbone's output),
+the linear probe all of them.
 The cache key hashes the backbone (weights file path + mtime + size, else the state-dict bytes), the data
 spec and the transform; an entry with at least the requested number of blocks is a hit. Entries live in
 `$DINOFORGE_CACHE_DIR` (default `~/.cache/dinoforge/features`) as .npy files.

@@ -201,7 +201,7 @@ def torchrun_shard(device: str) -> tuple[int, int] | None:
 
 def run_knn_eval(
     net: torch.nn.Module,
-    fingerprint: str | None,
+    fingerprint: str,
     train_data: str,
     val_data: str,
     out: Path,

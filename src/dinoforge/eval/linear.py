@@ -139,7 +139,7 @@ def linear_probe(
 
 def run_linear_eval(
     net: torch.nn.Module,
-    fingerprint: str | None,
+    fingerprint: str,
     train_data: str,
     val_data: str,
     out: Path,

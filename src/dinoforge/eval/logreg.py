@@ -125,7 +125,7 @@ def logreg_evaluate(
 
 def run_logreg_eval(
     net: torch.nn.Module,
-    fingerprint: str | None,
+    fingerprint: str,
     train_data: str,
     val_data: str,
     out: Path,

@@ -147,7 +147,7 @@ def ground_truth_images(gnd: Path, images: Path | None = None) -> tuple[dict, li
 
 def run_revisitop_eval(
     net: torch.nn.Module,
-    fingerprint: str | None,
+    fingerprint: str,
     gt: dict,
     path_lists: list[list[Path]],
     out: Path,
@@ -168,7 +168,7 @@ def run_revisitop_eval(
 
 def run_labelled_retrieval_eval(
     net: torch.nn.Module,
-    fingerprint: str | None,
+    fingerprint: str,
     data: str,
     out: Path,
     *,
