@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from dinoforge.data.datasets import BundledDataset, ImageFolderDataset
 from dinoforge.data.transforms import eval_transform_size, normalize_transform
-from dinoforge.embed import extract_features
+from dinoforge.eval.features import extract_features
 from dinoforge.models import DinoVisionTransformer
 from dinoforge.utils import DinoforgeError
 
@@ -124,7 +124,7 @@ def test_embed_cli_writes_outputs(folder, tmp_path):
     skipped = (out / "skipped.txt").read_text().splitlines()
     assert skipped == [str(folder / "img3.png"), str(folder / "readme.md")]
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["num_images"] == 6 and meta["num_corrupt"] == 1 and meta["dim"] == 64
+    assert meta["num_images"] == 6 and meta["skipped_images"] == 1 and meta["dim"] == 64
     with torch.no_grad():
         ref = official(eval_transform_size(32, 4)(Image.open(folder / "img5.png").convert("RGB"))[None])
     np.testing.assert_allclose(feats[4], ref[0].numpy(), atol=1e-5, rtol=0)

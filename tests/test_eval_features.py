@@ -31,7 +31,7 @@ def test_multilayer_features_match_direct_forward():
     model = _tiny()
     ds = build_dataset("bundled:val", transform=normalize_transform(), size=32)
     sub = torch.utils.data.Subset(ds, range(10))
-    feats = F.extract_multilayer(model, sub, batch_size=4, n_last_blocks=4)  # clipped to depth 2
+    feats = F.extract_features(model, sub, batch_size=4, layers=2, patch_mean=True)
     assert feats["cls"].shape == (10, 2, 64)
     x = torch.stack([ds[i][0] for i in range(10)])
     with torch.no_grad():
@@ -90,13 +90,13 @@ def test_dataset_features_cached_across_calls(monkeypatch, tmp_path):
         for i in range(3):
             Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
     calls = []
-    real = F.extract_multilayer
+    real = F.extract_features
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(F, "extract_multilayer", counting)
+    monkeypatch.setattr(F, "extract_features", counting)
     fp = F.model_fingerprint(model)
     one = F.dataset_features(model, fp, str(root), 4, 32, True)
     two = F.dataset_features(model, fp, str(root), 4, 32, True)
@@ -165,8 +165,8 @@ def test_knn_and_logreg_commands_share_cache(tmp_path, monkeypatch):
 
     w = save_backbone(_tiny(), tmp_path / "tiny.safetensors")
     calls = []
-    real = F.extract_multilayer
-    monkeypatch.setattr(F, "extract_multilayer", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = F.extract_features
+    monkeypatch.setattr(F, "extract_features", lambda *a, **k: calls.append(1) or real(*a, **k))
     root = tmp_path / "imgs"
     for c in range(3):
         (root / f"c{c}").mkdir(parents=True)

@@ -10,15 +10,8 @@ from PIL import Image
 from sklearn.metrics import confusion_matrix as sk_confusion
 from sklearn.metrics import jaccard_score
 
-from dinoforge.eval.segmentation import (
-    IGNORE_INDEX,
-    confusion_matrix,
-    dense_features,
-    evaluate_seg,
-    list_pairs,
-    miou_from_confusion,
-    train_seg_probe,
-)
+from dinoforge.eval.dense import IGNORE_INDEX, dense_features, list_pairs
+from dinoforge.eval.segmentation import confusion_matrix, evaluate_seg, miou_from_confusion, train_seg_probe
 from dinoforge.utils import DinoforgeError
 
 

@@ -9,8 +9,8 @@ from typing import Annotated, NoReturn
 
 import typer
 
+from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, WeightsOpt, load_model_from_opts
 from dinoforge.curate.cli import app as curate_app
-from dinoforge.embed import embed_command
 from dinoforge.eval.cli import app as eval_app
 from dinoforge.export.cli import app as export_app
 from dinoforge.train.cli import OverridesArg, distill_command, train_command
@@ -34,6 +34,51 @@ def demo_command(
     from dinoforge.demo import run_demo
 
     run_demo(output_dir, overrides or [], epochs=epochs)
+
+
+def embed_command(
+    data: Annotated[
+        str,
+        typer.Option("--data", "-d", help="Image folder (recursive), .txt/.csv/.jsonl list, or bundled[:train|:val]."),
+    ],
+    out: OutOpt,
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    patch_tokens: Annotated[
+        bool, typer.Option("--patch-tokens", help="Also save the normalised patch tokens [N, n_patches, D].")
+    ] = False,
+    size: Annotated[
+        int | None,
+        typer.Option(
+            "--size",
+            min=1,
+            help="Shorter side in px, aspect kept, cropped to a multiple of the patch size. "
+            "Default: resize 256 / centre crop 224 (the official eval transform).",
+        ),
+    ] = None,
+    batch_size: BatchOpt = 64,
+    num_workers: Annotated[int, typer.Option("--num-workers", min=0, help="Data-loading processes.")] = 0,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Embed images with a backbone: writes features.npy (CLS), patch_tokens.npy (--patch-tokens), labels.npy,
+    files.txt (embedded items in row order), skipped.txt (corrupt/non-image files) and meta.json."""
+    from dinoforge.data.datasets import report_skipped
+    from dinoforge.eval.features import save_embeddings
+
+    net = load_model_from_opts(model, weights, device)
+    meta = save_embeddings(
+        net,
+        data,
+        out,
+        patch_tokens=patch_tokens,
+        size=size,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        record={"model": model, "weights": str(weights) if weights else None},
+    )
+    skipped = meta["skipped_images"] + meta["num_non_image_files"]
+    typer.echo(f"embedded {meta['num_images']} images, skipped {skipped} -> {out}")
+    report_skipped(meta)
 
 
 app = typer.Typer(

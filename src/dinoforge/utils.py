@@ -76,6 +76,17 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     return Path(path)
 
 
+def save_figure(fig, path: str | Path) -> Path:
+    """Save a matplotlib figure as PNG (folder created) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def resolve_device(device: str | None = None) -> torch.device:
     """'auto' (or None) picks CUDA when present, else CPU; anything else is passed to torch.device."""
     if device in (None, "auto"):

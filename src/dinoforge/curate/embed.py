@@ -83,7 +83,7 @@ def embed_dataset(
     `embedder_identity`, default: the module's class); the `.json` is written last, so a crash never leaves
     a shard that looks done. A finished shard is reused only when it records the same identity and the same
     images, else DinoforgeError. Returns counts for this rank."""
-    from dinoforge.embed import extract_features
+    from dinoforge.eval.features import extract_features
 
     n = len(dataset)
     if n == 0:
@@ -195,9 +195,13 @@ def embedder(model: str | None, weights: Path | None = None, device: str = "auto
             )
         size = (PIXEL_IMAGE_SIZE, PIXEL_IMAGE_SIZE)
         return ThumbnailDescriptor(), transforms.Compose([transforms.Resize(size), normalize_transform()])
-    from dinoforge.cli_common import load_model_from_opts
+    from dinoforge.models.weights import load_backbone
+    from dinoforge.utils import resolve_device
 
-    return load_model_from_opts(model, weights, device), eval_transform(BACKBONE_RESIZE, BACKBONE_CROP)
+    if model is None and weights is None:
+        raise DinoforgeError("give --model NAME and/or --weights PATH")
+    net = load_backbone(model or str(weights), weights=weights, device=str(resolve_device(device))).eval()
+    return net, eval_transform(BACKBONE_RESIZE, BACKBONE_CROP)
 
 
 def embed_images(

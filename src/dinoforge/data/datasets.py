@@ -328,15 +328,18 @@ class BundledDataset(Dataset):
         return f"{'bundled-full' if self.full else 'bundled'}:{self.split}/{index}"
 
 
-def report_skipped(names: Sequence[str], count: int | None = None) -> None:
-    """Tell the user, at the end of a command, that unreadable images were skipped: one stderr line
-    `skipped N unreadable images (first: PATH)`, nothing when none was. `names` are the skipped items in the order
-    met (at least the first; an image met twice, e.g. in train and val data, counts once); `count` is how many in
-    all when `names` holds only some."""
+def skipped_summary(names: Sequence[str]) -> dict[str, Any]:
+    """The record of unreadable images a command skipped, for its JSON results and `report_skipped`:
+    `skipped_images` (how many, each image once) and `first_skipped_image` (the first met, or None)."""
     names = list(dict.fromkeys(names))
-    count = len(names) if count is None else count
-    if count:
-        eprint(f"skipped {count} unreadable images (first: {names[0]})")
+    return {"skipped_images": len(names), "first_skipped_image": names[0] if names else None}
+
+
+def report_skipped(summary: dict[str, Any]) -> None:
+    """Tell the user at the end of a command that unreadable images were skipped: one stderr line
+    `skipped N unreadable images (first: PATH)` from a `skipped_summary` record, nothing when none was."""
+    if summary.get("skipped_images"):
+        eprint(f"skipped {summary['skipped_images']} unreadable images (first: {summary['first_skipped_image']})")
 
 
 def collate_skip_none(batch: list) -> Any:

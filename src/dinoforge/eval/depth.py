@@ -15,17 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import typer
 from torch import nn
 
-from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, WeightsOpt, load_model_from_opts
-from dinoforge.eval.features import CacheOpt, model_fingerprint
-from dinoforge.eval.segmentation import (
+from dinoforge.eval.dense import (
     PREVIEWS,
     extract_dense,
     list_pairs,
@@ -34,7 +30,7 @@ from dinoforge.eval.segmentation import (
     save_previews,
     train_dense_head,
 )
-from dinoforge.utils import DinoforgeError, atomic_torch_save, resolve_device, track, write_json
+from dinoforge.utils import DinoforgeError, atomic_torch_save, track, write_json
 
 DEPTH_EXTS = (".png", ".npy")
 METRIC_NAMES = ("rmse", "abs_rel", "sq_rel", "rmse_log", "log10", "delta1", "delta2", "delta3")
@@ -250,39 +246,3 @@ def run_depth_eval(
                        ("layers", "blocks", "side", "n_bins", "min_depth", "max_depth", "norm_strategy")}},
                       out / "head.pt")  # fmt: skip
     return result
-
-
-def depth_command(
-    train_data: Annotated[Path, typer.Option("--train-data", help="Folder with images/ and depth/ (same stems).")],
-    val_data: Annotated[Path, typer.Option("--val-data", help="Validation folder, same layout.")],
-    out: OutOpt = Path("runs/eval_depth"),
-    model: ModelOpt = None,
-    weights: WeightsOpt = None,
-    layers: Annotated[int, typer.Option("--layers", help="1 = lin.1 (last block), 4 = lin.4 (four blocks).")] = 1,
-    size: Annotated[int, typer.Option("--size", min=1, help="Square side the images are resized to.")] = 448,
-    n_bins: Annotated[int, typer.Option("--bins", min=2, help="Depth bins (paper: 256).")] = 256,
-    min_depth: Annotated[float, typer.Option("--min-depth", help="Lowest bin, metres.")] = 1e-3,
-    max_depth: Annotated[float, typer.Option("--max-depth", help="Highest bin, metres (NYU 10, KITTI 80).")] = 10.0,
-    norm_strategy: Annotated[str, typer.Option("--bin-norm", help="linear (official) or softmax.")] = "linear",
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the cached train features.")] = 20,
-    lr: Annotated[float, typer.Option("--lr", help="AdamW peak learning rate.")] = 1e-3,
-    batch_size: BatchOpt = 16,
-    device: DeviceOpt = "auto",
-    cache: CacheOpt = True,
-) -> None:
-    """Monocular depth linear probe (lin.1/lin.4, 256 bins): RMSE, AbsRel, delta1 on the val set.
-
-    Layout: DIR/images/<stem>.jpg|png and DIR/depth/<stem>.png (uint16, mm) or <stem>.npy (metres);
-    depth 0 = invalid.
-    Writes metrics.json, head.pt and predictions.png (a few val images) into --out.
-    """
-    dev = resolve_device(device)
-    backbone = load_model_from_opts(model, weights, str(dev))
-    fingerprint = model_fingerprint(backbone, weights if weights is not None else model) if cache else None
-    result = run_depth_eval(
-        backbone, train_data, val_data, out, layers=layers, size=size, n_bins=n_bins, min_depth=min_depth,
-        max_depth=max_depth, norm_strategy=norm_strategy, epochs=epochs, lr=lr, batch_size=batch_size,
-        device=dev, fingerprint=fingerprint,
-    )  # fmt: skip
-    print(f"RMSE {result['rmse']:.4f}  AbsRel {result['abs_rel']:.4f}  delta1 {result['delta1']:.4f}")
-    print(f"results in {out}")

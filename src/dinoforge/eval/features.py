@@ -1,8 +1,10 @@
-"""Frozen-backbone features shared by all evaluations, cached on disk so a second run does not recompute.
+"""Frozen-backbone features: the one extractor (`extract_features`, per batch `batch_features`) that embed,
+every evaluation, the dense probes, curation and the figures use, and the evaluations' on-disk feature cache.
 
-Per image we keep the normed class token of the last `n` blocks (`cls`, N × n × D, last block last) and the
-average of the last block's normed patch tokens (`patch_avg`, N × D), from `get_intermediate_layers`; k-NN,
-logistic regression and retrieval use `cls[:, -1]` (the backbone's output), the linear probe all of them.
+Per image the evaluations keep the normed class token of the last `n` blocks (`cls`, N × n × D, last block
+last) and the average of the last block's normed patch tokens (`patch_avg`, N × D), from
+`get_intermediate_layers`; k-NN, logistic regression and retrieval use `cls[:, -1]` (the backbone's output),
+the linear probe all of them.
 The cache key hashes the backbone (weights file path + mtime + size, else the state-dict bytes), the data
 spec and the transform; an entry with at least the requested number of blocks is a hit. Entries live in
 `$DINOFORGE_CACHE_DIR` (default `~/.cache/dinoforge/features`) as .npy files.
@@ -10,43 +12,25 @@ spec and the transform; an entry with at least the requested number of blocks is
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
 import torch
-import typer
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
-from dinoforge.embed import frozen, image_batches
-from dinoforge.utils import DinoforgeError, files_under, resolve_device
+from dinoforge.utils import DinoforgeError, files_under, resolve_device, track, write_json
 
 ARRAYS = ("cls", "patch_avg", "labels", "indices")
-
-TrainDataOpt = Annotated[
-    str, typer.Option("--train-data", help="Train images: bundled:train, an ImageFolder tree or a file list.")
-]
-ValDataOpt = Annotated[str, typer.Option("--val-data", help="Test images, same forms as --train-data.")]
-ImageSizeOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--image-size",
-        min=1,
-        help="Eval side in px: centre crop (after resize side*256/224) for folders, canvas for bundled. "
-        "Default: 224 for folders, the native 32 px (rounded to the patch) for the bundled set.",
-    ),
-]
-CacheOpt = Annotated[
-    bool,
-    typer.Option("--cache/--no-cache", help="Reuse cached features of the same backbone + data + transform."),
-]
 
 
 def cache_root() -> Path:
@@ -73,36 +57,144 @@ def feature_key(model_id: str, data: str, transform: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def extract_multilayer(
+def _collate_by_shape(batch: list) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Drop None (corrupt) samples and stack the rest in groups of equal image shape, so aspect-keeping
+    transforms can be batched without padding every image to the largest one."""
+    groups: dict[tuple[int, ...], list] = {}
+    for sample in batch:
+        if sample is None:
+            continue
+        img = sample[0]
+        if not isinstance(img, torch.Tensor):
+            raise DinoforgeError("extract_features needs a dataset with a transform that returns tensors")
+        groups.setdefault(tuple(img.shape), []).append(sample)
+    return [
+        (
+            torch.stack([s[0] for s in group]),
+            torch.tensor([s[1] for s in group], dtype=torch.int64),
+            torch.tensor([s[2] for s in group], dtype=torch.int64),
+        )
+        for group in groups.values()
+    ]
+
+
+def _autocast(device: torch.device, enabled: bool = True):
+    if not enabled or device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+@contextlib.contextmanager
+def frozen(model: torch.nn.Module, device: torch.device, autocast: bool = True) -> Iterator[None]:
+    """`model` on `device` in eval mode, under inference mode (and autocast on CUDA unless `autocast` is
+    False); its mode restored after."""
+    was_training = model.training
+    model.to(device).eval()
+    try:
+        with torch.inference_mode(), _autocast(device, autocast):
+            yield
+    finally:
+        model.train(was_training)
+
+
+def image_batches(
+    dataset: Dataset, batch_size: int, desc: str, num_workers: int = 0, pin_memory: bool = False
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(images, labels, dataset indices) over a dataset of `(tensor, label, index)` items in order, with a
+    progress bar; corrupt items (None) dropped, images of different shapes in separate groups."""
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_collate_by_shape,
+        pin_memory=pin_memory,
+    )
+    for groups in track(loader, desc, total=math.ceil(len(dataset) / batch_size)):
+        yield from groups
+
+
+def batch_features(
+    model: torch.nn.Module, x: torch.Tensor, layers: int | Sequence[int] | None = None, norm: bool = True
+) -> dict[str, torch.Tensor]:
+    """Features of one batch of images (call it under `frozen`).
+
+    Without `layers`: the output's normed class token "cls" [B, D] and patch tokens "patch" [B, P, D]
+    (`forward_features`; no "patch" for a model without patch tokens, such as a pixel descriptor). With
+    `layers` (a last-n count or block indices): each layer's class token "cls" [B, L, D] and patch tokens
+    "patch" [B, L, P, D], normed unless `norm` is False (`get_intermediate_layers`)."""
+    if layers is None:
+        out = model.forward_features(x)
+        names = {"cls": "x_norm_clstoken", "patch": "x_norm_patchtokens"}
+        return {name: out[key] for name, key in names.items() if out.get(key) is not None}
+    outs = model.get_intermediate_layers(x, n=layers, return_class_token=True, norm=norm)
+    return {"cls": torch.stack([c for _, c in outs], dim=1), "patch": torch.stack([p for p, _ in outs], dim=1)}
+
+
+def extract_features(
     model: torch.nn.Module,
     dataset: Dataset,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
-    n_last_blocks: int = 1,
-    desc: str = "features",
-) -> dict[str, np.ndarray]:
-    """Class tokens of the last `n_last_blocks` blocks and the last block's mean patch token, per image.
+    patch_tokens: bool = False,
+    num_workers: int = 0,
+    desc: str = "embedding",
+    *,
+    layers: int | Sequence[int] | None = None,
+    norm: bool = True,
+    patch_mean: bool = False,
+    dtype: type = np.float32,
+    autocast: bool = True,
+) -> dict[str, Any]:
+    """Run a frozen backbone over a dataset of `(tensor, label, index)` items (None = corrupt, skipped), in
+    batches with a progress bar: the one feature extractor of embed, evaluation, dense probes and curation.
 
-    Corrupt images (dataset items that are None) are skipped; rows follow the dataset order."""
-    dev = device if isinstance(device, torch.device) else resolve_device(str(device))
+    Returns "cls" [N, D] ([N, L, D] with `layers`, see `batch_features`), "patch" [N, P, D] ([N, L, P, D])
+    when `patch_tokens`, "patch_avg" [N, D] (mean of the last layer's patch tokens) when `patch_mean`, all
+    as `dtype`; "labels" and "indices" (dataset indices kept, in order), "skipped" (indices of corrupt items)
+    and "skipped_names"."""
+    dev = resolve_device(str(device)) if not isinstance(device, torch.device) else device
     n = len(dataset)
-    n_last_blocks = min(n_last_blocks, int(getattr(model, "n_blocks", n_last_blocks)))
-    cls_rows, avg_rows, labels, indices = [], [], [], []
-    with frozen(model, dev):
-        for x, y, idx in image_batches(dataset, batch_size, desc):
-            layers = model.get_intermediate_layers(x.to(dev), n=n_last_blocks, return_class_token=True)
-            cls_rows.append(torch.stack([c for _, c in layers], dim=1).float().cpu())
-            avg_rows.append(layers[-1][0].float().mean(dim=1).cpu())
-            labels.append(y)
-            indices.append(idx)
-    if not cls_rows:
+    rows: dict[str, np.ndarray] = {}
+    labels = np.empty(n, dtype=np.int64)
+    indices = np.empty(n, dtype=np.int64)
+    k = 0
+
+    def put(name: str, value: torch.Tensor) -> None:
+        v = value.float().cpu().numpy()
+        if name not in rows:
+            rows[name] = np.empty((n, *v.shape[1:]), dtype=dtype)
+        elif v.shape[1:] != rows[name].shape[1:]:
+            raise DinoforgeError(
+                f"patch tokens need equal token grids, got {v.shape[-2]} and {rows[name].shape[-2]} "
+                "patches; use a fixed-size transform (centre crop)"
+            )
+        rows[name][k : k + len(v)] = v
+
+    with frozen(model, dev, autocast):
+        for x, y, idx in image_batches(dataset, batch_size, desc, num_workers, pin_memory=dev.type == "cuda"):
+            out = batch_features(model, x.to(dev, non_blocking=True), layers, norm)
+            put("cls", out["cls"])
+            if patch_tokens:
+                put("patch", out["patch"])
+            if patch_mean:
+                last = out["patch"] if layers is None else out["patch"][:, -1]
+                put("patch_avg", last.float().mean(dim=1))
+            labels[k : k + len(y)] = y.numpy()
+            indices[k : k + len(y)] = idx.numpy()
+            k += len(y)
+    if not rows:
         raise DinoforgeError(f"no readable image among the {n} items of the dataset")
-    order = torch.cat(indices).argsort(stable=True)
+    order = np.argsort(indices[:k], kind="stable")
+    skipped = np.setdiff1d(np.arange(n), indices[:k])
+    name = getattr(dataset, "item_name", str)
     return {
-        "cls": torch.cat(cls_rows)[order].numpy(),
-        "patch_avg": torch.cat(avg_rows)[order].numpy(),
-        "labels": torch.cat(labels)[order].numpy(),
-        "indices": torch.cat(indices)[order].numpy(),
+        **{key: value[:k][order] for key, value in rows.items()},
+        "labels": labels[:k][order],
+        "indices": indices[:k][order],
+        "skipped": skipped,
+        "skipped_names": [name(int(i)) for i in skipped],
     }
 
 
@@ -183,7 +275,10 @@ def dataset_features(
     n_last_blocks = min(n_last_blocks, int(getattr(net, "n_blocks", n_last_blocks)))
 
     def compute() -> dict[str, np.ndarray]:
-        return extract_multilayer(net, dataset, batch_size, dev, n_last_blocks, desc=f"features {spec}")
+        feats = extract_features(
+            net, dataset, batch_size, dev, desc=f"features {spec}", layers=n_last_blocks, patch_mean=True
+        )
+        return {name: feats[name] for name in ARRAYS}
 
     feats = cached(key, compute, n_last_blocks) if use_cache else compute()
     skipped = np.setdiff1d(np.arange(len(dataset)), feats["indices"])
@@ -194,29 +289,24 @@ def dataset_features(
     }
 
 
-def features_from_opts(
-    model: str | None,
-    weights: Path | None,
+def labelled_features(
+    net: torch.nn.Module,
+    fingerprint: str,
     specs: Sequence[str],
     out: Path,
     batch_size: int,
-    device: str,
     image_size: int | None,
     use_cache: bool,
     n_last_blocks: int = 1,
 ) -> list[dict[str, Any]]:
-    """Load the backbone from CLI options and return (cached) features for each labelled data spec, in order.
+    """(Cached) features of a backbone for each labelled data spec, in order.
 
     The first spec is read as the train split and the others as the val split of a folder with such
     sub-folders; class names index labels in the first spec's order, so every split agrees. Unlabelled data
-    is an error. `out` is created so the command can write its metrics there."""
-    from dinoforge.cli_common import load_model_from_opts
-
+    is an error. `out` is created so the evaluation can write its metrics there."""
+    Path(out).mkdir(parents=True, exist_ok=True)
     splits = ["train" if i == 0 and len(specs) > 1 else "val" for i in range(len(specs))]
     classes = None  # the first spec's, once read
-    net = load_model_from_opts(model, weights, device)
-    fingerprint = model_fingerprint(net, weights if weights is not None else model)
-    Path(out).mkdir(parents=True, exist_ok=True)
     result = []
     for spec, split in zip(specs, splits, strict=True):
         feats = dataset_features(
@@ -233,31 +323,22 @@ def features_from_opts(
 
 
 def path_list_features(
-    model: str | None,
-    weights: Path | None,
+    net: torch.nn.Module,
+    fingerprint: str,
     path_lists: Sequence[Sequence[Path]],
     out: Path,
     batch_size: int,
-    device: str,
     image_size: int | None,
     use_cache: bool,
 ) -> list[np.ndarray]:
-    """Final CLS features (N × D) of explicit image path lists (retrieval queries and database).
-
-    A missing image is an error; the lists are written as file lists into `out` and cached by content."""
-    missing = [str(p) for paths in path_lists for p in paths if not Path(p).is_file()]
-    if missing:
-        raise DinoforgeError(f"{len(missing)} image(s) not found, e.g. {missing[0]}")
+    """Final CLS features (N × D) of a backbone for explicit image path lists (retrieval queries and
+    database); the lists are written as file lists into `out` and cached by content."""
     Path(out).mkdir(parents=True, exist_ok=True)
     specs = []
     for i, paths in enumerate(path_lists):
         manifest = Path(out) / f"images_{i}.txt"
         manifest.write_text("".join(f"{Path(p).resolve()}\n" for p in paths))
         specs.append(str(manifest))
-    from dinoforge.cli_common import load_model_from_opts
-
-    net = load_model_from_opts(model, weights, device)
-    fingerprint = model_fingerprint(net, weights if weights is not None else model)
     result = []
     for spec, paths in zip(specs, path_lists, strict=True):
         # keyed by the listed paths, not the manifest location, so another --out still hits the cache
@@ -267,3 +348,68 @@ def path_list_features(
             raise DinoforgeError(f"{len(paths) - len(feats['indices'])} unreadable image(s) in the retrieval set")
         result.append(feats["cls"][:, -1])
     return result
+
+
+def _embed_transform(data: str, size: int | None, patch_size: int) -> tuple[Any, int | None]:
+    """The transform of `dinoforge embed`: bundled images at their native size (rounded up to the patch),
+    otherwise the official resize 256 / crop 224, or an aspect-keeping `size`."""
+    from dinoforge.data.transforms import eval_transform, eval_transform_size, normalize_transform
+
+    if data.split(":")[0] in ("bundled", "bundled-full") and not Path(data).exists():
+        return normalize_transform(), math.ceil((size or 32) / patch_size) * patch_size
+    if size is None:
+        return eval_transform(), None
+    return eval_transform_size(size, patch_size), None
+
+
+def save_embeddings(
+    net: torch.nn.Module,
+    data: str,
+    out: Path,
+    *,
+    patch_tokens: bool = False,
+    size: int | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    record: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Embed an image set (folder, file list, bundled) into `out`: features.npy (CLS), patch_tokens.npy
+    (`patch_tokens`), labels.npy, files.txt (embedded items in row order), skipped.txt (corrupt/non-image
+    files) and meta.json, which starts with `record` (what the backbone is); returns the meta."""
+    from dinoforge.data.datasets import build_dataset, skipped_summary
+
+    patch_size = int(getattr(net, "patch_size", 14))
+    transform, bundled_size = _embed_transform(data, size, patch_size)
+    dataset = build_dataset(data, transform=transform, size=bundled_size or 32)
+    if len(dataset) == 0:
+        raise DinoforgeError(f"no images found in {data}")
+    dev = next(net.parameters()).device
+    t0 = time.perf_counter()
+    feats = extract_features(net, dataset, batch_size, dev, patch_tokens=patch_tokens, num_workers=num_workers)
+    seconds = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "features.npy", feats["cls"])
+    np.save(out / "labels.npy", feats["labels"])
+    if patch_tokens:
+        np.save(out / "patch_tokens.npy", feats["patch"])
+    name = getattr(dataset, "item_name", str)
+    (out / "files.txt").write_text("".join(f"{name(int(i))}\n" for i in feats["indices"]))
+    ignored = [str(p) for p in getattr(dataset, "ignored", [])]
+    skipped = feats["skipped_names"] + ignored
+    (out / "skipped.txt").write_text("".join(f"{s}\n" for s in skipped))
+    meta = {
+        **(record or {}),
+        "data": data,
+        "transform": repr(transform),
+        "num_images": int(len(feats["cls"])),
+        "dim": int(feats["cls"].shape[1]),
+        "patch_tokens_shape": list(feats["patch"].shape) if patch_tokens else None,
+        **skipped_summary(feats["skipped_names"]),
+        "num_non_image_files": len(ignored),
+        "classes": list(getattr(dataset, "classes", [])),
+        "device": str(dev),
+        "seconds": round(seconds, 3),
+        "images_per_s": round(len(feats["cls"]) / max(seconds, 1e-9), 2),
+    }
+    write_json(out / "meta.json", meta)
+    return meta

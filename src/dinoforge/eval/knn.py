@@ -8,18 +8,16 @@ torch.distributed each rank holds a shard of the train features: local top-k, al
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import typer
 
-from dinoforge import distributed as dist_utils
-from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, WeightsOpt
-from dinoforge.data.datasets import report_skipped
-from dinoforge.eval.features import CacheOpt, ImageSizeOpt, TrainDataOpt, ValDataOpt, features_from_opts
+from dinoforge.data.datasets import skipped_summary
+from dinoforge.eval.features import labelled_features
 from dinoforge.utils import DinoforgeError, write_json
 
 
@@ -58,7 +56,7 @@ def knn_neighbours(
         lab = train_labels[start : start + train_chunk].to(device).long()[idx]
         sims, labels = _merge_topk(sims, labels, top, lab, k)
     if distributed is None:
-        distributed = dist_utils.world_size() > 1
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if distributed:
         sims, labels = _gather_merge(sims, labels, k)
     return sims, labels
@@ -70,7 +68,7 @@ def _gather_merge(sims: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[tor
     if pad > 0:
         sims = F.pad(sims, (0, pad), value=float("-inf"))
         labels = F.pad(labels, (0, pad), value=0)
-    world = dist_utils.world_size()
+    world = dist.get_world_size()
     all_sims = [torch.empty_like(sims) for _ in range(world)]
     all_labels = [torch.empty_like(labels) for _ in range(world)]
     dist.all_gather(all_sims, sims.contiguous())
@@ -98,7 +96,7 @@ def knn_classify(
         raise DinoforgeError("k-NN needs at least one train feature")
     if num_classes is None:
         n_local = int(train_labels.max()) + 1
-        if distributed or (distributed is None and dist_utils.is_enabled()):
+        if distributed or (distributed is None and dist.is_available() and dist.is_initialized()):
             t = torch.tensor([n_local], device=train_labels.device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             n_local = int(t)
@@ -192,42 +190,38 @@ def knn_evaluate(
     return result
 
 
-def _torchrun_shard(device: str) -> tuple[int, int] | None:
+def torchrun_shard(device: str) -> tuple[int, int] | None:
     """(rank, world) under torchrun (WORLD_SIZE > 1), starting the process group if needed; else None."""
-    if dist_utils.launched_world_size() <= 1:
+    from dinoforge.train import distributed
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
-    dist_utils.init_from_env(device)
-    return dist_utils.rank(), dist_utils.world_size()
+    distributed.init_from_env(device)
+    return distributed.rank(), distributed.world_size()
 
 
-def knn_command(
-    model: ModelOpt = None,
-    weights: WeightsOpt = None,
-    train_data: TrainDataOpt = "bundled:train",
-    val_data: ValDataOpt = "bundled:val",
-    out: OutOpt = Path("runs/eval_knn"),
-    ks: list[int] = typer.Option([10, 20, 100, 200], "--k", min=1, help="Numbers of neighbours (repeat the option)."),
-    temperature: float = typer.Option(
-        0.07, "--temperature", "-T", min=1e-6, help="Vote temperature: weight exp(sim/T)."
-    ),
-    n_per_class: list[int] = typer.Option(
-        [], "--n-per-class", min=1, help="Few-shot: train images per class (repeat)."
-    ),
-    n_tries: int = typer.Option(1, "--n-tries", min=1, help="Random few-shot subsets (seeds) per n."),
-    image_size: ImageSizeOpt = None,
-    batch_size: BatchOpt = 64,
-    device: DeviceOpt = "auto",
-    cache: CacheOpt = True,
-) -> None:
-    """k-NN classification of frozen CLS features (cosine, temperature-weighted vote), top-1/top-5 per k.
-
-    Under torchrun the train features are sharded across ranks. Writes metrics.json into --out and prints
-    the folder.
-    """
-    shard = _torchrun_shard(device)
+def run_knn_eval(
+    net: torch.nn.Module,
+    fingerprint: str,
+    train_data: str,
+    val_data: str,
+    out: Path,
+    *,
+    ks: Sequence[int] = (10, 20, 100, 200),
+    temperature: float = 0.07,
+    n_per_class: Sequence[int] = (),
+    n_tries: int = 1,
+    image_size: int | None = None,
+    batch_size: int = 64,
+    use_cache: bool = True,
+    shard: tuple[int, int] | None = None,
+) -> dict | None:
+    """k-NN evaluation of a backbone, train → val data specs; writes metrics.json into `out` and returns the
+    metrics. Under torchrun (`shard=(rank, world)`) rank 0 extracts the features first, every rank votes with
+    its slice of the train features, and only rank 0 writes and returns the metrics (the others None)."""
     if shard is not None and shard[0] != 0:
         dist.barrier()  # rank 0 extracts (or loads) the features first; the others then read its cache
-    tr, te = features_from_opts(model, weights, [train_data, val_data], out, batch_size, device, image_size, cache)
+    tr, te = labelled_features(net, fingerprint, [train_data, val_data], out, batch_size, image_size, use_cache)
     if shard is not None and shard[0] == 0:
         dist.barrier()
     metrics = knn_evaluate(
@@ -242,19 +236,17 @@ def knn_command(
         shard=shard,
     )
     if shard is not None and shard[0] != 0:
-        return
+        return None
     metrics.update(
         train_data=train_data,
         val_data=val_data,
         temperature=temperature,
         n_train=len(tr["labels"]),
         n_test=len(te["labels"]),
+        **skipped_summary(tr["skipped_names"] + te["skipped_names"]),
     )
     write_json(Path(out) / "metrics.json", metrics)
-    for name, val in metrics["full"].items():
-        print(f"{name}: top1 {val['top1']:.2f}  top5 {val['top5']:.2f}")
-    print(out)
-    report_skipped(tr["skipped_names"] + te["skipped_names"])
+    return metrics
 
 
 def backbone_knn_top1(

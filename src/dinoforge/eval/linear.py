@@ -14,18 +14,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import typer
 
-from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, WeightsOpt
-from dinoforge.data.datasets import report_skipped
-from dinoforge.eval.features import (
-    ARRAYS,
-    CacheOpt,
-    ImageSizeOpt,
-    TrainDataOpt,
-    ValDataOpt,
-    features_from_opts,
-)
+from dinoforge.data.datasets import skipped_summary
+from dinoforge.eval.features import ARRAYS, labelled_features
 from dinoforge.utils import DinoforgeError, resolve_device, track, write_json
 
 DEFAULT_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
@@ -147,26 +138,25 @@ def linear_probe(
     }
 
 
-def linear_command(
-    model: ModelOpt = None,
-    weights: WeightsOpt = None,
-    train_data: TrainDataOpt = "bundled:train",
-    val_data: ValDataOpt = "bundled:val",
-    out: OutOpt = Path("runs/eval_linear"),
-    epochs: int = typer.Option(10, "--epochs", min=1, help="Passes over the cached train features."),
-    head_batch_size: int = typer.Option(256, "--head-batch-size", min=1, help="Features per SGD step."),
-    lrs: list[float] = typer.Option(list(DEFAULT_LRS), "--lr", help="Learning-rate grid (repeat the option)."),
-    image_size: ImageSizeOpt = None,
-    batch_size: BatchOpt = 64,
-    device: DeviceOpt = "auto",
-    cache: CacheOpt = True,
-) -> None:
-    """Linear probe: heads on last 1/4 blocks' CLS ± avgpooled patches × lr grid; best on a held-out 10%.
-
-    Writes metrics.json (best head and every head) into --out and prints the folder.
-    """
-    tr, te = features_from_opts(
-        model, weights, [train_data, val_data], out, batch_size, device, image_size, cache, n_last_blocks=4
+def run_linear_eval(
+    net: torch.nn.Module,
+    fingerprint: str,
+    train_data: str,
+    val_data: str,
+    out: Path,
+    *,
+    lrs: Sequence[float] = DEFAULT_LRS,
+    epochs: int = 10,
+    head_batch_size: int = 256,
+    image_size: int | None = None,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    use_cache: bool = True,
+) -> dict:
+    """Linear probe of a backbone on the last 4 blocks' features, train → val data specs; writes
+    metrics.json (best head and every head) into `out` and returns the metrics."""
+    tr, te = labelled_features(
+        net, fingerprint, [train_data, val_data], out, batch_size, image_size, use_cache, n_last_blocks=4
     )
     metrics = linear_probe(
         {k: torch.from_numpy(tr[k]) for k in ARRAYS},
@@ -176,8 +166,8 @@ def linear_command(
         batch_size=head_batch_size,
         device=device,
     )
-    metrics.update(train_data=train_data, val_data=val_data)
+    metrics.update(
+        train_data=train_data, val_data=val_data, **skipped_summary(tr["skipped_names"] + te["skipped_names"])
+    )
     write_json(Path(out) / "metrics.json", metrics)
-    print(f"linear top1 {metrics['top1']:.2f} (best head {metrics['best_head']})")
-    print(out)
-    report_skipped(tr["skipped_names"] + te["skipped_names"])
+    return metrics

@@ -14,11 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import typer
 
-from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, WeightsOpt
-from dinoforge.data.datasets import report_skipped
-from dinoforge.eval.features import CacheOpt, ImageSizeOpt, TrainDataOpt, ValDataOpt, features_from_opts
+from dinoforge.data.datasets import skipped_summary
+from dinoforge.eval.features import labelled_features
 from dinoforge.utils import DinoforgeError, track, write_json
 
 
@@ -126,24 +124,22 @@ def logreg_evaluate(
     }
 
 
-def logreg_command(
-    model: ModelOpt = None,
-    weights: WeightsOpt = None,
-    train_data: TrainDataOpt = "bundled:train",
-    val_data: ValDataOpt = "bundled:val",
-    out: OutOpt = Path("runs/eval_logreg"),
-    n_c: int = typer.Option(45, "--n-c", min=1, help="Number of C values, log-spaced in 1e-6 .. 1e5."),
-    max_iter: int = typer.Option(1000, "--max-iter", min=1, help="L-BFGS iterations per fit."),
-    image_size: ImageSizeOpt = None,
-    batch_size: BatchOpt = 64,
-    device: DeviceOpt = "auto",
-    cache: CacheOpt = True,
-) -> None:
-    """Logistic regression (L-BFGS) on frozen CLS features, C chosen on a held-out 10% of train.
-
-    Writes metrics.json into --out and prints the folder.
-    """
-    tr, te = features_from_opts(model, weights, [train_data, val_data], out, batch_size, device, image_size, cache)
+def run_logreg_eval(
+    net: torch.nn.Module,
+    fingerprint: str,
+    train_data: str,
+    val_data: str,
+    out: Path,
+    *,
+    n_c: int = 45,
+    max_iter: int = 1000,
+    image_size: int | None = None,
+    batch_size: int = 64,
+    use_cache: bool = True,
+) -> dict:
+    """Logistic regression on a backbone's CLS features, train → val data specs, over `n_c` values of C;
+    writes metrics.json into `out` and returns the metrics."""
+    tr, te = labelled_features(net, fingerprint, [train_data, val_data], out, batch_size, image_size, use_cache)
     metrics = logreg_evaluate(
         torch.from_numpy(tr["cls"][:, -1]),
         torch.from_numpy(tr["labels"]),
@@ -152,8 +148,8 @@ def logreg_command(
         c_grid=default_c_grid(n_c),
         max_iter=max_iter,
     )
-    metrics.update(train_data=train_data, val_data=val_data)
+    metrics.update(
+        train_data=train_data, val_data=val_data, **skipped_summary(tr["skipped_names"] + te["skipped_names"])
+    )
     write_json(Path(out) / "metrics.json", metrics)
-    print(f"logreg top1 {metrics['top1']:.2f} (C={metrics['best_C']:.3g})")
-    print(out)
-    report_skipped(tr["skipped_names"] + te["skipped_names"])
+    return metrics

@@ -21,11 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import typer
 
-from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, WeightsOpt
-from dinoforge.data.datasets import report_skipped
-from dinoforge.eval.features import CacheOpt, ImageSizeOpt, features_from_opts, path_list_features
+from dinoforge.data.datasets import skipped_summary
+from dinoforge.eval.features import labelled_features, path_list_features
 from dinoforge.utils import DinoforgeError, read_json, require_file, write_json
 
 PROTOCOLS = {
@@ -136,45 +134,53 @@ def load_ground_truth(path: str | Path) -> dict:
     return data
 
 
-def retrieval_command(
-    model: ModelOpt = None,
-    weights: WeightsOpt = None,
-    gnd: Path | None = typer.Option(None, "--gnd", help="Ground-truth JSON (query, db, gnd; see docs)."),
-    images: Path | None = typer.Option(None, "--images", help="Root folder of the --gnd image paths."),
-    data: str = typer.Option("bundled:val", "--data", help="Labelled images for generic retrieval (no --gnd)."),
-    out: OutOpt = Path("runs/eval_retrieval"),
-    image_size: ImageSizeOpt = None,
-    batch_size: BatchOpt = 64,
-    device: DeviceOpt = "auto",
-    cache: CacheOpt = True,
-) -> None:
-    """Instance retrieval on frozen CLS features: revisited Oxford/Paris mAP or labelled mAP/recall@k.
+def ground_truth_images(gnd: Path, images: Path | None = None) -> tuple[dict, list[list[Path]]]:
+    """A ground-truth file (checked) and its query and database image paths under `images` (default: the
+    file's folder); a missing image is an error."""
+    gt = load_ground_truth(gnd)
+    root = require_file(images or Path(gnd).parent, "images folder")
+    path_lists = [[root / p for p in gt["query"]], [root / p for p in gt["db"]]]
+    missing = [str(p) for paths in path_lists for p in paths if not Path(p).is_file()]
+    if missing:
+        raise DinoforgeError(f"{len(missing)} image(s) not found, e.g. {missing[0]}")
+    return gt, path_lists
 
-    With --gnd: Easy/Medium/Hard mAP; otherwise every --data image queries the others. Writes metrics.json.
-    """
-    if gnd is not None:
-        gt = load_ground_truth(gnd)
-        root = require_file(images or Path(gnd).parent, "images folder")
-        q, db = path_list_features(
-            model,
-            weights,
-            [[root / p for p in gt["query"]], [root / p for p in gt["db"]]],
-            out,
-            batch_size,
-            device,
-            image_size,
-            cache,
-        )
-        metrics = revisitop_map(rank_database(torch.from_numpy(q), torch.from_numpy(db)), gt["gnd"])
-        summary = {k: v["mAP"] for k, v in metrics.items()}
-        metrics = {"protocols": metrics, "mAP": summary, "n_queries": len(gt["query"]), "n_db": len(gt["db"])}
-        line = "  ".join(f"{k} mAP {v:.2f}" for k, v in summary.items())
-    else:
-        (feats,) = features_from_opts(model, weights, [data], out, batch_size, device, image_size, cache)
-        metrics = labelled_retrieval(torch.from_numpy(feats["cls"][:, -1]), torch.from_numpy(feats["labels"]))
-        metrics["data"] = data
-        report_skipped(feats["skipped_names"])
-        line = "  ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k not in ("data", "n_queries"))
+
+def run_revisitop_eval(
+    net: torch.nn.Module,
+    fingerprint: str,
+    gt: dict,
+    path_lists: list[list[Path]],
+    out: Path,
+    *,
+    image_size: int | None = None,
+    batch_size: int = 64,
+    use_cache: bool = True,
+) -> dict:
+    """Easy/Medium/Hard mAP of a backbone's CLS features on a ground truth and its (query, database) image
+    paths (`ground_truth_images`); writes metrics.json into `out` and returns the metrics."""
+    q, db = path_list_features(net, fingerprint, path_lists, out, batch_size, image_size, use_cache)
+    metrics = revisitop_map(rank_database(torch.from_numpy(q), torch.from_numpy(db)), gt["gnd"])
+    summary = {k: v["mAP"] for k, v in metrics.items()}
+    metrics = {"protocols": metrics, "mAP": summary, "n_queries": len(gt["query"]), "n_db": len(gt["db"])}
     write_json(Path(out) / "metrics.json", metrics)
-    print(line)
-    print(out)
+    return metrics
+
+
+def run_labelled_retrieval_eval(
+    net: torch.nn.Module,
+    fingerprint: str,
+    data: str,
+    out: Path,
+    *,
+    image_size: int | None = None,
+    batch_size: int = 64,
+    use_cache: bool = True,
+) -> dict:
+    """mAP and recall@k of a backbone's CLS features on labelled data, every image querying the others;
+    writes metrics.json into `out` and returns the metrics."""
+    (feats,) = labelled_features(net, fingerprint, [data], out, batch_size, image_size, use_cache)
+    metrics = labelled_retrieval(torch.from_numpy(feats["cls"][:, -1]), torch.from_numpy(feats["labels"]))
+    metrics.update(data=data, **skipped_summary(feats["skipped_names"]))
+    write_json(Path(out) / "metrics.json", metrics)
+    return metrics

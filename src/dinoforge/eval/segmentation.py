@@ -13,132 +13,28 @@ upsampled back to each mask's own size. Multi-scale testing re-runs the backbone
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import typer
 from PIL import Image
 from torch import nn
 
-from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, WeightsOpt, load_model_from_opts
-from dinoforge.data.datasets import is_image_file, load_image
-from dinoforge.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from dinoforge.eval.features import CacheOpt, cache_root, feature_key, model_fingerprint
-from dinoforge.utils import DinoforgeError, atomic_torch_save, resolve_device, track, write_json
-
-IGNORE_INDEX = 255
-PREVIEWS = 4  # val images drawn in predictions.png
-
-
-# --------------------------------------------------------------------------- data (shared with depth.py)
-
-
-def list_pairs(root: str | Path, label_dir: str, label_exts: Sequence[str]) -> list[tuple[Path, Path]]:
-    """Pair ``root/images/<stem>.*`` with ``root/<label_dir>/<stem><ext>``; every image needs a label."""
-    root = Path(root)
-    img_dir, lab_dir = root / "images", root / label_dir
-    for d in (img_dir, lab_dir):
-        if not d.is_dir():
-            raise DinoforgeError(f"expected folder {d} (layout: {root}/images/*.jpg|png and {lab_dir}/<stem>)")
-    images = sorted(p for p in img_dir.iterdir() if is_image_file(p))
-    if not images:
-        raise DinoforgeError(f"no images in {img_dir}")
-    pairs, missing = [], []
-    for img in images:
-        label = next(
-            (lab_dir / f"{img.stem}{ext}" for ext in label_exts if (lab_dir / f"{img.stem}{ext}").exists()),
-            None,
-        )
-        if label is None:
-            missing.append(img.stem)
-        else:
-            pairs.append((img, label))
-    if missing:
-        raise DinoforgeError(
-            f"{len(missing)} image(s) in {img_dir} have no {'/'.join(label_exts)} in {lab_dir}: "
-            f"{', '.join(missing[:5])}"
-        )
-    return pairs
-
-
-def image_tensor(path: Path, side: int | None = None) -> torch.Tensor:
-    """Load an RGB image as a (3, H, W) ImageNet-normalised float tensor, resized to side x side if given."""
-    im = load_image(path)
-    if side is not None:
-        im = im.resize((side, side), Image.BICUBIC)
-    x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32)[:, None, None]
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32)[:, None, None]
-    return (x - mean) / std
-
-
-def patch_side(size: int, patch_size: int) -> int:
-    """The multiple of the patch size nearest to `size` (at least one patch)."""
-    return max(patch_size, round(size / patch_size) * patch_size)
-
-
-@torch.no_grad()
-def dense_features(
-    backbone: nn.Module,
-    images: torch.Tensor,
-    layers: int | Sequence[int],
-    *,
-    norm: bool = True,
-    with_cls: bool = False,
-) -> torch.Tensor:
-    """Patch-token maps (B, C, h, w) of the chosen blocks, concatenated on channels.
-
-    With `with_cls`, each layer's CLS token is broadcast over the grid and appended after its patch
-    tokens (the paper's depth probes). `layers` is the last-n count or explicit block indices.
-    """
-    outs = backbone.get_intermediate_layers(images, n=layers, reshape=True, return_class_token=True, norm=norm)
-    maps = []
-    for patches, cls in outs:
-        maps.append(patches)
-        if with_cls:
-            maps.append(cls[:, :, None, None].expand_as(patches))
-    return torch.cat(maps, dim=1)
-
-
-def extract_dense(
-    backbone: nn.Module,
-    paths: Sequence[Path],
-    side: int,
-    layers: int | Sequence[int],
-    *,
-    norm: bool = True,
-    with_cls: bool = False,
-    batch_size: int = 16,
-    device: torch.device | str = "cpu",
-    description: str = "features",
-    fingerprint: str | None = None,
-) -> torch.Tensor:
-    """Dense frozen features of a list of images at side x side, as one float16 (N, C, h, w) CPU tensor.
-
-    With a backbone `fingerprint` (eval.features.model_fingerprint) the result is cached on disk, keyed
-    by the backbone, the image files (path, size, mtime) and the extraction settings."""
-    cache_file = None
-    if fingerprint is not None:
-        files = [(str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in paths]
-        layer_id = layers if isinstance(layers, int) else list(layers)
-        settings = f"dense|side={side}|layers={layer_id}|norm={norm}|cls={with_cls}"
-        cache_file = cache_root() / f"dense_{feature_key(fingerprint, repr(files), settings)}.pt"
-        if cache_file.exists():
-            return torch.load(cache_file, map_location="cpu", weights_only=True)
-    chunks = []
-    starts = range(0, len(paths), batch_size)
-    for s in track(starts, description, total=len(starts)):
-        batch = torch.stack([image_tensor(p, side) for p in paths[s : s + batch_size]]).to(device)
-        chunks.append(dense_features(backbone, batch, layers, norm=norm, with_cls=with_cls).half().cpu())
-    feats = torch.cat(chunks)
-    if cache_file is not None:
-        atomic_torch_save(feats, cache_file)
-    return feats
+from dinoforge.eval.dense import (
+    IGNORE_INDEX,
+    PREVIEWS,
+    dense_features,
+    extract_dense,
+    image_tensor,
+    list_pairs,
+    patch_side,
+    resize_nearest,
+    save_previews,
+    train_dense_head,
+)
+from dinoforge.utils import DinoforgeError, atomic_torch_save, track, write_json
 
 
 def load_mask(path: Path) -> torch.Tensor:
@@ -147,11 +43,6 @@ def load_mask(path: Path) -> torch.Tensor:
         if im.mode not in ("L", "P", "I", "I;16"):
             raise DinoforgeError(f"mask {path} has mode {im.mode}: expected one channel of class ids (L or P)")
         return torch.from_numpy(np.asarray(im).astype(np.int64))
-
-
-def resize_nearest(label: torch.Tensor, side: int) -> torch.Tensor:
-    """Nearest-neighbour resize of a (H, W) label map to side x side (keeps ids and invalid values intact)."""
-    return F.interpolate(label[None, None].double(), size=(side, side), mode="nearest")[0, 0].to(label.dtype)
 
 
 # --------------------------------------------------------------------------- probe on feature tensors
@@ -173,58 +64,6 @@ class LinearSegHead(nn.Module):
         if size is not None and tuple(logits.shape[-2:]) != tuple(size):
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         return logits
-
-
-def poly_lr(step: int, total: int, base_lr: float, warmup: int) -> float:
-    """Linear warm-up then linear (poly, power 1) decay to zero, the official probes' schedule."""
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    return base_lr * max(0.0, 1.0 - (step - warmup) / max(1, total - warmup))
-
-
-def train_dense_head(
-    head: nn.Module,
-    features: torch.Tensor,
-    targets: torch.Tensor,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None],
-    *,
-    epochs: int,
-    lr: float,
-    weight_decay: float,
-    batch_size: int,
-    device: torch.device | str,
-    seed: int,
-    description: str,
-) -> nn.Module:
-    """AdamW + warm-up/poly schedule over shuffled (feature, target) batches; shared by seg and depth probes.
-
-    `loss_fn(head_output_at_target_size, target)` returns None when a batch has no valid pixel.
-    """
-    if len(features) != len(targets):
-        raise DinoforgeError(f"{len(features)} feature maps but {len(targets)} targets")
-    device = torch.device(device)
-    head.to(device).train()
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    gen = torch.Generator().manual_seed(seed)
-    steps_per_epoch = math.ceil(len(features) / batch_size)
-    total = epochs * steps_per_epoch
-    warmup = min(max(1, total // 20), total)
-    step = 0
-    for _ in track(range(epochs), description, total=epochs):
-        order = torch.randperm(len(features), generator=gen)
-        for s in range(0, len(order), batch_size):
-            idx = order[s : s + batch_size]
-            f, t = features[idx].to(device).float(), targets[idx].to(device)
-            loss = loss_fn(head(f, size=tuple(t.shape[-2:])), t)
-            for g in opt.param_groups:
-                g["lr"] = poly_lr(step, total, lr, warmup)
-            step += 1
-            if loss is None:
-                continue
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    return head.eval()
 
 
 def train_seg_probe(
@@ -353,47 +192,54 @@ def predict_seg_multiscale(
 # --------------------------------------------------------------------------- end to end
 
 
-def save_previews(path: Path, rows: Sequence[tuple[Path, np.ndarray, np.ndarray]], num_classes: int = 0) -> Path:
-    """PNG grid, one row per image: input | ground truth | prediction, as class colours (ignore = white)
-    when `num_classes` is given, else as depth maps on a shared scale (invalid ground truth = white)."""
-    import matplotlib.pyplot as plt
-
-    from dinoforge.viz.common import save_figure
-
-    fig, axes = plt.subplots(len(rows), 3, figsize=(9, 3 * len(rows)), squeeze=False)
-    for ax_row, (img_path, gt, pred) in zip(axes, rows, strict=True):
-        img = load_image(img_path).resize(gt.shape[::-1], Image.BILINEAR)
-        ax_row[0].imshow(np.asarray(img))
-        if num_classes:
-            kw = dict(cmap="tab20", vmin=0, vmax=max(num_classes - 1, 1), interpolation="nearest")
-            gt = np.ma.masked_equal(gt, IGNORE_INDEX)
-        else:
-            valid = gt[gt > 0]
-            lo, hi = (float(valid.min()), float(valid.max())) if valid.size else (0.0, 1.0)
-            kw = dict(cmap="magma_r", vmin=lo, vmax=hi)
-            gt = np.ma.masked_less_equal(gt, 0)
-        ax_row[1].imshow(gt, **kw)
-        ax_row[2].imshow(pred, **kw)
-        for ax, title in zip(ax_row, ("image", "ground truth", "prediction"), strict=True):
-            ax.set_title(title)
-            ax.axis("off")
-    return save_figure(fig, path)
-
-
 def _max_id(mask: torch.Tensor) -> int:
     """Largest class id in a mask, ignoring 255 (-1 when it holds none)."""
     valid = mask[mask != IGNORE_INDEX]
     return int(valid.max()) if valid.numel() else -1
 
 
-def _parse_scales(text: str) -> list[float]:
-    try:
-        scales = [float(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise DinoforgeError(f"--ms-scales must be comma-separated numbers, got {text!r}") from None
-    if not scales or any(s <= 0 for s in scales):
-        raise DinoforgeError(f"--ms-scales must be positive numbers, got {text!r}")
-    return scales
+def seg_single_scale(
+    head: LinearSegHead,
+    features: torch.Tensor,
+    masks: Sequence[torch.Tensor],
+    num_classes: int,
+    device: torch.device | str = "cpu",
+) -> tuple[dict, list[torch.Tensor]]:
+    """Score val features extracted at the training side: (metrics, the first PREVIEWS predicted class maps)."""
+    metrics = evaluate_seg(head, features, masks, num_classes, device=device)
+    with torch.no_grad():
+        previews = [
+            head(features[i : i + 1].to(device), size=tuple(masks[i].shape))[0].argmax(0).cpu()
+            for i in range(min(PREVIEWS, len(features)))
+        ]
+    return metrics, previews
+
+
+def seg_multi_scale(
+    backbone: nn.Module,
+    head: LinearSegHead,
+    images: Sequence[Path],
+    masks: Sequence[torch.Tensor],
+    num_classes: int,
+    side: int,
+    layers: int,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    device: torch.device | str = "cpu",
+) -> tuple[dict, list[torch.Tensor]]:
+    """Score val images with class probabilities averaged over `scales` of the side (and flips), the
+    paper's +ms: (metrics, the first PREVIEWS predicted class maps)."""
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    previews = []
+    for img, mask in track(list(zip(images, masks, strict=True)), "multi-scale test"):
+        probs = predict_seg_multiscale(
+            backbone, head, image_tensor(img).to(device), tuple(mask.shape), layers, side, scales, flip
+        )
+        pred = probs.argmax(0).cpu()
+        conf += confusion_matrix(pred, mask, num_classes)
+        if len(previews) < PREVIEWS:
+            previews.append(pred)
+    return metrics_from_confusion(conf), previews
 
 
 def run_seg_eval(
@@ -445,10 +291,11 @@ def run_seg_eval(
         raise DinoforgeError(
             f"val masks hold class ids >= {num_classes} (e.g. {too_high[0]}); set --num-classes to cover them"
         )
+    val_images = [p for p, _ in val_pairs]
     if list(scales) == [1.0] and not flip:
         val_feats = extract_dense(
             backbone,
-            [p for p, _ in val_pairs],
+            val_images,
             side,
             layers,
             batch_size=batch_size,
@@ -456,24 +303,11 @@ def run_seg_eval(
             description="val features",
             fingerprint=fingerprint,
         )
-        metrics = evaluate_seg(head, val_feats, val_masks, num_classes, device=device)
-        with torch.no_grad():
-            previews = [
-                head(val_feats[i : i + 1].to(device), size=tuple(val_masks[i].shape))[0].argmax(0).cpu()
-                for i in range(min(PREVIEWS, len(val_pairs)))
-            ]
+        metrics, previews = seg_single_scale(head, val_feats, val_masks, num_classes, device)
     else:
-        conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-        previews = []
-        for (img, _), mask in track(list(zip(val_pairs, val_masks, strict=True)), "multi-scale test"):
-            probs = predict_seg_multiscale(
-                backbone, head, image_tensor(img).to(device), tuple(mask.shape), layers, side, scales, flip
-            )
-            pred = probs.argmax(0).cpu()
-            conf += confusion_matrix(pred, mask, num_classes)
-            if len(previews) < PREVIEWS:
-                previews.append(pred)
-        metrics = metrics_from_confusion(conf)
+        metrics, previews = seg_multi_scale(
+            backbone, head, val_images, val_masks, num_classes, side, layers, scales, flip, device
+        )
     rows = [(p, m.numpy(), pr.numpy()) for (p, _), m, pr in zip(val_pairs, val_masks, previews, strict=False)]
     save_previews(out / "predictions.png", rows, num_classes=num_classes)
     result = {
@@ -496,56 +330,3 @@ def run_seg_eval(
         out / "head.pt",
     )
     return result
-
-
-def seg_command(
-    train_data: Annotated[Path, typer.Option("--train-data", help="Folder with images/ and masks/ (same stems).")],
-    val_data: Annotated[Path, typer.Option("--val-data", help="Validation folder, same layout as --train-data.")],
-    out: OutOpt = Path("runs/eval_seg"),
-    model: ModelOpt = None,
-    weights: WeightsOpt = None,
-    num_classes: Annotated[
-        int | None,
-        typer.Option("--num-classes", min=1, help="Classes (default: 1 + largest id in train masks)."),
-    ] = None,
-    layers: Annotated[int, typer.Option("--layers", min=1, help="1 = last block (lin.), 4 = last four (+ms).")] = 1,
-    size: Annotated[int, typer.Option("--size", min=1, help="Square side the images are resized to.")] = 448,
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the cached train features.")] = 20,
-    lr: Annotated[float, typer.Option("--lr", help="AdamW peak learning rate.")] = 1e-3,
-    ms_scales: Annotated[
-        str,
-        typer.Option("--ms-scales", help="Test scales, e.g. 1.0,1.32,1.73,2.28,3.0 (paper's +ms); averaged."),
-    ] = "1.0",
-    flip: Annotated[
-        bool, typer.Option("--flip/--no-flip", help="Also average horizontally flipped test views.")
-    ] = False,
-    batch_size: BatchOpt = 16,
-    device: DeviceOpt = "auto",
-    cache: CacheOpt = True,
-) -> None:
-    """Semantic segmentation linear probe: BN + 1x1 conv on frozen patch tokens, mIoU and per-class IoU.
-
-    Layout: DIR/images/<stem>.jpg|png and DIR/masks/<stem>.png (pixel = class id, 255 = ignore).
-    Writes metrics.json, head.pt and predictions.png (a few val images) into --out.
-    """
-    dev = resolve_device(device)
-    backbone = load_model_from_opts(model, weights, str(dev))
-    fingerprint = model_fingerprint(backbone, weights if weights is not None else model) if cache else None
-    result = run_seg_eval(
-        backbone,
-        train_data,
-        val_data,
-        out,
-        num_classes=num_classes,
-        layers=layers,
-        size=size,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        scales=_parse_scales(ms_scales),
-        flip=flip,
-        device=dev,
-        fingerprint=fingerprint,
-    )
-    print(f"mIoU {100 * result['miou']:.2f}  pixel acc {100 * result['pixel_acc']:.2f}")
-    print(f"results in {out}")

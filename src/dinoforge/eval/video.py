@@ -10,26 +10,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
 import torch
-import typer
 from torch.utils.data import Dataset
 
-from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, WeightsOpt, load_model_from_opts
 from dinoforge.data.datasets import is_image_file, load_image
 from dinoforge.eval.features import (
-    CacheOpt,
+    ARRAYS,
     cached,
     eval_transform_for,
-    extract_multilayer,
+    extract_features,
     feature_key,
-    model_fingerprint,
 )
 from dinoforge.eval.knn import knn_evaluate
 from dinoforge.eval.logreg import default_c_grid, logreg_evaluate
-from dinoforge.utils import DinoforgeError, resolve_device, write_json
+from dinoforge.utils import DinoforgeError, write_json
 
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 
@@ -149,7 +146,10 @@ def clip_features(
     dataset = FrameDataset(clips, t, transform)
 
     def compute() -> dict[str, np.ndarray]:
-        return extract_multilayer(backbone, dataset, batch_size, device, 1, desc="frame features")
+        feats = extract_features(
+            backbone, dataset, batch_size, device, desc="frame features", layers=1, patch_mean=True
+        )
+        return {name: feats[name] for name in ARRAYS}
 
     if fingerprint is None:
         feats = compute()
@@ -200,32 +200,3 @@ def run_video_eval(
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", result)
     return result
-
-
-def video_command(
-    train_data: Annotated[Path, typer.Option("--train-data", help="root/<class>/<clip>/ frames or <clip>.mp4.")],
-    val_data: Annotated[Path, typer.Option("--val-data", help="Validation clips, same layout and classes.")],
-    out: OutOpt = Path("runs/eval_video"),
-    model: ModelOpt = None,
-    weights: WeightsOpt = None,
-    frames: Annotated[int, typer.Option("--frames", "-t", min=1, help="Frames sampled per clip (uniform).")] = 8,
-    image_size: Annotated[int, typer.Option("--image-size", min=1, help="Centre-crop side in px.")] = 224,
-    ks: Annotated[list[int], typer.Option("--k", help="k-NN neighbours (repeat the option).")] = [10, 20],  # noqa: B006
-    n_c: Annotated[int, typer.Option("--n-c", min=1, help="Logistic-regression C values in the sweep.")] = 45,
-    batch_size: BatchOpt = 64,
-    device: DeviceOpt = "auto",
-    cache: CacheOpt = True,
-) -> None:
-    """Video classification: frame CLS features averaged per clip, then k-NN and logistic regression.
-
-    Layout: DIR/<class>/<clip>/*.jpg (frame folders) or DIR/<class>/<clip>.mp4 (needs PyAV).
-    Writes metrics.json into --out.
-    """
-    dev = resolve_device(device)
-    backbone = load_model_from_opts(model, weights, str(dev))
-    fingerprint = model_fingerprint(backbone, weights if weights is not None else model) if cache else None
-    result = run_video_eval(backbone, train_data, val_data, out, frames=frames, image_size=image_size, ks=ks,
-                            n_c=n_c, batch_size=batch_size, device=dev, fingerprint=fingerprint)  # fmt: skip
-    best_knn = max(v["top1"] for v in result["knn"].values())
-    print(f"k-NN top1 {best_knn:.2f}  logreg top1 {result['logreg']['top1']:.2f}")
-    print(f"results in {out}")

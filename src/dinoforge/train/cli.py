@@ -68,7 +68,7 @@ def train_command(
     if dist_utils.is_main_process():
         typer.echo(f"teacher backbone: {summary['teacher']}")
         typer.echo(f"results in {output_dir}")
-        report_skipped([summary["first_skipped_image"]], summary["skipped_images"])
+        report_skipped(summary)
     dist_utils.shutdown()
 
 
@@ -102,5 +102,5 @@ def distill_command(
     if dist_utils.is_main_process():
         typer.echo(f"distilled student (EMA): {summary['teacher']}")
         typer.echo(f"results in {output_dir}")
-        report_skipped([summary["first_skipped_image"]], summary["skipped_images"])
+        report_skipped(summary)
     dist_utils.shutdown()

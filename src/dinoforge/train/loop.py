@@ -16,7 +16,7 @@ from dinoforge import distributed as dist_utils
 from dinoforge.data.augment import DataAugmentationDINO
 from dinoforge.data.batch_augment import BatchAugmentationDINO, to_uint8_tensor
 from dinoforge.data.collate import collate_data_and_cast, mask_and_cast
-from dinoforge.data.datasets import build_dataset
+from dinoforge.data.datasets import build_dataset, skipped_summary
 from dinoforge.data.masking import MaskingGenerator
 from dinoforge.models.vision_transformer import DinoVisionTransformer
 from dinoforge.models.weights import load_backbone, save_backbone
@@ -260,8 +260,7 @@ def train(
     summary = {
         "iterations": max_iter,
         "last": last,
-        "skipped_images": len(skipped),
-        "first_skipped_image": dataset.item_name(next(iter(skipped))) if skipped else None,
+        **skipped_summary([dataset.item_name(i) for i in skipped]),
         "warnings": list(monitor.warnings.values()),
         "teacher": str(teacher_path),
     }

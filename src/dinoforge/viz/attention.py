@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dinoforge.utils import DinoforgeError
-from dinoforge.viz.common import figure_size, model_device, prepare_image, save_figure
+from dinoforge.utils import DinoforgeError, save_figure
+from dinoforge.viz.common import figure_size, model_device, prepare_image
 
 
 @torch.inference_mode()

@@ -1,9 +1,8 @@
-"""Shared pieces of the figures: image preparation, per-image patch features, PCA, figure saving."""
+"""Shared pieces of the figures: image preparation, per-image patch features, PCA."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import matplotlib
 import numpy as np
@@ -11,6 +10,7 @@ import torch
 from PIL import Image
 
 from dinoforge.data.transforms import denormalize, eval_transform_size
+from dinoforge.eval.features import batch_features, frozen
 
 matplotlib.use("Agg")
 
@@ -47,17 +47,17 @@ def figure_size(img: Image.Image, size: int | None, patch_size: int) -> int:
     return max(patch_size, min(DEFAULT_SIZE, min(img.size)))
 
 
-@torch.inference_mode()
 def patch_features(model: torch.nn.Module, images: list[Image.Image], size: int | None = None) -> list[PatchFeatures]:
     """Normed patch tokens of each image (one forward per image, so aspect ratios may differ)."""
     p = int(model.patch_size)
     dev = model_device(model)
     out = []
-    for img in images:
-        x = prepare_image(img, figure_size(img, size, p), p)
-        h, w = x.shape[1] // p, x.shape[2] // p
-        tokens = model.forward_features(x[None].to(dev))["x_norm_patchtokens"][0].float().cpu()
-        out.append(PatchFeatures(denormalize(x).permute(1, 2, 0).numpy(), tokens.reshape(h, w, -1).numpy()))
+    with frozen(model, dev, autocast=False):
+        for img in images:
+            x = prepare_image(img, figure_size(img, size, p), p)
+            h, w = x.shape[1] // p, x.shape[2] // p
+            tokens = batch_features(model, x[None].to(dev))["patch"][0].float().cpu()
+            out.append(PatchFeatures(denormalize(x).permute(1, 2, 0).numpy(), tokens.reshape(h, w, -1).numpy()))
     return out
 
 
@@ -73,14 +73,3 @@ def pca(x: np.ndarray, n_components: int) -> tuple[np.ndarray, np.ndarray, np.nd
     comps = comps * signs[:, None]
     var = s[:n_components] ** 2 / max(len(x) - 1, 1)
     return (x - mean) @ comps.T, comps, var
-
-
-def save_figure(fig, path: str | Path) -> Path:
-    """Save a matplotlib figure as PNG (folder created) and close it."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path

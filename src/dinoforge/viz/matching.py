@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dinoforge.viz.common import PatchFeatures, patch_features, save_figure
+from dinoforge.utils import save_figure
+from dinoforge.viz.common import PatchFeatures, patch_features
 from dinoforge.viz.pca import foreground_masks
 
 

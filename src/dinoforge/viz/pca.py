@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dinoforge.utils import DinoforgeError
-from dinoforge.viz.common import PatchFeatures, patch_features, pca, save_figure
+from dinoforge.utils import DinoforgeError, save_figure
+from dinoforge.viz.common import PatchFeatures, patch_features, pca
 
 
 def _border(h: int, w: int) -> np.ndarray:
