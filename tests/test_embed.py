@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from dinoforge.data.datasets import BundledDataset, ImageFolderDataset
 from dinoforge.data.transforms import eval_transform_size, normalize_transform
-from dinoforge.eval.features import extract_features
+from dinoforge.features import extract_features
 from dinoforge.models import DinoVisionTransformer
 from dinoforge.utils import DinoforgeError
 

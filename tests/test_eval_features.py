@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from dinoforge.data.datasets import build_dataset
 from dinoforge.data.transforms import normalize_transform
 from dinoforge.eval import features as F
+from dinoforge.features import extract_features
 from dinoforge.models.vision_transformer import DinoVisionTransformer
 from dinoforge.models.weights import save_backbone
 
@@ -31,7 +32,7 @@ def test_multilayer_features_match_direct_forward():
     model = _tiny()
     ds = build_dataset("bundled:val", transform=normalize_transform(), size=32)
     sub = torch.utils.data.Subset(ds, range(10))
-    feats = F.extract_features(model, sub, batch_size=4, layers=2, patch_mean=True)
+    feats = extract_features(model, sub, batch_size=4, layers=2, patch_mean=True)
     assert feats["cls"].shape == (10, 2, 64)
     x = torch.stack([ds[i][0] for i in range(10)])
     with torch.no_grad():

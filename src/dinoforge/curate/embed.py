@@ -83,7 +83,7 @@ def embed_dataset(
     `embedder_identity`, default: the module's class); the `.json` is written last, so a crash never leaves
     a shard that looks done. A finished shard is reused only when it records the same identity and the same
     images, else DinoforgeError. Returns counts for this rank."""
-    from dinoforge.eval.features import extract_features
+    from dinoforge.features import extract_features
 
     n = len(dataset)
     if n == 0:

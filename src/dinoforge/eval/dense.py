@@ -21,7 +21,8 @@ from torch.utils.data import Dataset
 
 from dinoforge.data.datasets import is_image_file, load_image
 from dinoforge.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from dinoforge.eval.features import batch_features, cache_root, extract_features, feature_key
+from dinoforge.eval.features import cache_root, feature_key
+from dinoforge.features import batch_features, extract_features
 from dinoforge.utils import DinoforgeError, atomic_torch_save, save_figure, track
 
 IGNORE_INDEX = 255  # a class-id mask pixel that is not scored

@@ -8,7 +8,6 @@ torch.distributed each rank holds a shard of the train features: local top-k, al
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from dinoforge import distributed as dist_utils
 from dinoforge.data.datasets import skipped_summary
 from dinoforge.eval.features import labelled_features
 from dinoforge.utils import DinoforgeError, write_json
@@ -56,7 +56,7 @@ def knn_neighbours(
         lab = train_labels[start : start + train_chunk].to(device).long()[idx]
         sims, labels = _merge_topk(sims, labels, top, lab, k)
     if distributed is None:
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        distributed = dist_utils.world_size() > 1
     if distributed:
         sims, labels = _gather_merge(sims, labels, k)
     return sims, labels
@@ -68,7 +68,7 @@ def _gather_merge(sims: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[tor
     if pad > 0:
         sims = F.pad(sims, (0, pad), value=float("-inf"))
         labels = F.pad(labels, (0, pad), value=0)
-    world = dist.get_world_size()
+    world = dist_utils.world_size()
     all_sims = [torch.empty_like(sims) for _ in range(world)]
     all_labels = [torch.empty_like(labels) for _ in range(world)]
     dist.all_gather(all_sims, sims.contiguous())
@@ -96,7 +96,7 @@ def knn_classify(
         raise DinoforgeError("k-NN needs at least one train feature")
     if num_classes is None:
         n_local = int(train_labels.max()) + 1
-        if distributed or (distributed is None and dist.is_available() and dist.is_initialized()):
+        if distributed or (distributed is None and dist_utils.is_enabled()):
             t = torch.tensor([n_local], device=train_labels.device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             n_local = int(t)
@@ -192,12 +192,10 @@ def knn_evaluate(
 
 def torchrun_shard(device: str) -> tuple[int, int] | None:
     """(rank, world) under torchrun (WORLD_SIZE > 1), starting the process group if needed; else None."""
-    from dinoforge.train import distributed
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if dist_utils.launched_world_size() <= 1:
         return None
-    distributed.init_from_env(device)
-    return distributed.rank(), distributed.world_size()
+    dist_utils.init_from_env(device)
+    return dist_utils.rank(), dist_utils.world_size()
 
 
 def run_knn_eval(

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from dinoforge.data.transforms import denormalize, eval_transform_size
-from dinoforge.eval.features import batch_features, frozen
+from dinoforge.features import batch_features, frozen
 
 matplotlib.use("Agg")
 
