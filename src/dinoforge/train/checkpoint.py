@@ -1,4 +1,5 @@
-"""Training checkpoints: written atomically, the last few kept, found again by --resume."""
+"""Training checkpoints: the full training state (model, optimizer, RNGs, also under FSDP2) written atomically, the
+last few kept, found again and restored by --resume."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
+from dinoforge import distributed as dist_utils
 from dinoforge.utils import DinoforgeError, atomic_torch_save
 
 CKPT_RE = re.compile(r"model_(\d+)\.pth$")
@@ -70,3 +74,72 @@ def load_checkpoint(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or foreign file
         raise DinoforgeError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+def model_state(model: nn.Module, sharded: bool) -> dict:
+    """The full (unsharded) model state dict; collective under FSDP2, complete on rank 0."""
+    if not sharded:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _optim_state(model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> dict:
+    """The full optimizer state dict; collective under FSDP2, complete on rank 0."""
+    if not sharded:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def restore_training_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: dict, sharded: bool, rank: int
+) -> None:
+    """Put a checkpoint's model, optimizer and this rank's RNG states back (under FSDP2 from the full dicts)."""
+    if not sharded:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    else:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=ckpt["model"],
+            optim_state_dict=ckpt["optimizer"],
+            options=StateDictOptions(full_state_dict=True),
+        )
+    set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+
+
+def save_training_state(
+    cfg: DictConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    it: int,
+    ckpt_dir: Path,
+    sharded: bool,
+    main: bool,
+) -> Path | None:
+    """Checkpoint iteration `it`: model, optimizer, every rank's RNG states, config and architecture, written by
+    rank 0 (collective: every rank calls it); the path on rank 0, else None."""
+    full_model, full_optim = model_state(model, sharded), _optim_state(model, optimizer, sharded)
+    rng = rng_state()
+    if dist_utils.world_size() > 1:
+        gathered = [None] * dist_utils.world_size()
+        torch.distributed.all_gather_object(gathered, rng)
+        rng = gathered
+    path = None
+    if main:
+        payload = {
+            "model": full_model,
+            "optimizer": full_optim,
+            "rng": rng,
+            "config": OmegaConf.to_container(cfg),
+            "arch": model.arch,
+        }
+        path = save_checkpoint(ckpt_dir, it, payload, keep=cfg.train.keep_checkpoints)
+    dist_utils.barrier()
+    return path

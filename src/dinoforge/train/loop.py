@@ -20,7 +20,12 @@ from dinoforge.data.datasets import build_dataset, skipped_summary
 from dinoforge.data.masking import MaskingGenerator
 from dinoforge.models.vision_transformer import DinoVisionTransformer
 from dinoforge.models.weights import load_backbone, save_backbone
-from dinoforge.train.checkpoint import load_newest_checkpoint, rng_state, save_checkpoint, set_rng_state
+from dinoforge.train.checkpoint import (
+    load_newest_checkpoint,
+    model_state,
+    restore_training_state,
+    save_training_state,
+)
 from dinoforge.train.data import SeededAugment, SeededCollate, StepSampler, seed_everything, seed_step
 from dinoforge.train.distributed import average_gradients, broadcast_module, fully_shard_model
 from dinoforge.train.logging import MetricsLog, Progress, StallMonitor, plot_curves
@@ -91,39 +96,6 @@ def build_optimizer(cfg: DictConfig, model: SSLMetaArch, fused: bool = True) -> 
     return torch.optim.AdamW(groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), fused=fused)
 
 
-def _model_state(model: SSLMetaArch, sharded: bool) -> dict:
-    """The full (unsharded) model state dict; collective under FSDP2, complete on rank 0."""
-    if not sharded:
-        return model.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def _optim_state(model: SSLMetaArch, optimizer: torch.optim.Optimizer, sharded: bool) -> dict:
-    if not sharded:
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def _load_full_state(model, optimizer, ckpt: dict, sharded: bool) -> None:
-    if not sharded:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    set_state_dict(
-        model,
-        optimizer,
-        model_state_dict=ckpt["model"],
-        optim_state_dict=ckpt["optimizer"],
-        options=StateDictOptions(full_state_dict=True),
-    )
-
-
 def export_teacher(model_state: dict, arch: dict, path: Path, prefix: str = "teacher.backbone.") -> Path:
     """Save the backbone under `prefix` (the EMA teacher) as safetensors, with its architecture, for load_backbone."""
     backbone = DinoVisionTransformer(**arch)
@@ -183,8 +155,7 @@ def train(
     newest = load_newest_checkpoint(ckpt_dir) if resume else None
     if newest is not None:
         last_ckpt, ckpt, unreadable = newest
-        _load_full_state(model, optimizer, ckpt, sharded)
-        set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+        restore_training_state(model, optimizer, ckpt, sharded, rank)
         start_iter = ckpt["iteration"] + 1
         if main and not quiet:
             for reason in unreadable:
@@ -249,13 +220,13 @@ def train(
                 f"lr {lr:.2e} {ips:.0f} img/s"
             )
             if (it + 1) % ckpt_period == 0 or it == max_iter - 1:
-                last_ckpt = _checkpoint(cfg, model, optimizer, it, ckpt_dir, sharded, main)
+                last_ckpt = save_training_state(cfg, model, optimizer, it, ckpt_dir, sharded, main)
             eval_period = cfg.evaluation.eval_period_iterations
             if eval_period > 0 and (it + 1) % eval_period == 0 and it != max_iter - 1:
                 _periodic_eval(model, it, output_dir, sharded, main, device, log, evaluate)
     finally:
         progress.close()
-    state = _model_state(model, sharded)
+    state = model_state(model, sharded)
     teacher_path = output_dir / "teacher_backbone.safetensors"
     summary = {
         "iterations": max_iter,
@@ -276,30 +247,9 @@ def train(
     return summary
 
 
-def _checkpoint(cfg, model, optimizer, it: int, ckpt_dir: Path, sharded: bool, main: bool) -> Path | None:
-    model_state, optim_state = _model_state(model, sharded), _optim_state(model, optimizer, sharded)
-    rng = rng_state()
-    if dist_utils.world_size() > 1:
-        gathered = [None] * dist_utils.world_size()
-        torch.distributed.all_gather_object(gathered, rng)
-        rng = gathered
-    path = None
-    if main:
-        payload = {
-            "model": model_state,
-            "optimizer": optim_state,
-            "rng": rng,
-            "config": OmegaConf.to_container(cfg),
-            "arch": model.arch,
-        }
-        path = save_checkpoint(ckpt_dir, it, payload, keep=cfg.train.keep_checkpoints)
-    dist_utils.barrier()
-    return path
-
-
 def _periodic_eval(model, it: int, output_dir: Path, sharded: bool, main: bool, device, log, evaluate) -> None:
     """Export the teacher backbone and, when the caller passed an `evaluate` callback, log what it measures."""
-    state = _model_state(model, sharded)
+    state = model_state(model, sharded)
     if not main:
         return
     eval_dir = output_dir / "eval" / f"training_{it}"
