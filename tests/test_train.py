@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dinoforge.config.config import load_config
+from dinoforge.data.datasets import build_dataset
 from dinoforge.utils import DinoforgeError
 
 TINY = [  # the official recipe: these tests check the official machinery with the values given here
@@ -223,7 +224,8 @@ def test_train_writes_outputs_and_resume_is_exact(tmp_path, monkeypatch, one_thr
 
     cfg = partial(tiny_cfg, *RESUME_VARIANTS[variant])
     batched = cfg().crops.batched_augmentation
-    assert (loop._build_loader(cfg(), "bundled:train", 0, 1, 0).collate_fn.augment is not None) == batched
+    dataset = build_dataset("bundled:train", split="train")
+    assert (loop._build_loader(cfg(), dataset, 0, 1, 0).collate_fn.augment is not None) == batched
     full = tmp_path / "full"
     summary = loop.train(cfg(), full, data="bundled:train", quiet=True)
     assert Path(summary["teacher"]).exists()
@@ -234,7 +236,7 @@ def test_train_writes_outputs_and_resume_is_exact(tmp_path, monkeypatch, one_thr
     assert all(math.isfinite(float(r["total_loss"])) for r in ref)
 
     # crash right after the checkpoint of iteration 3, then resume
-    real = loop._checkpoint
+    real = loop.save_training_state
 
     def crash_after(cfg, model, optimizer, it, *a, **k):
         path = real(cfg, model, optimizer, it, *a, **k)
@@ -243,10 +245,10 @@ def test_train_writes_outputs_and_resume_is_exact(tmp_path, monkeypatch, one_thr
         return path
 
     part = tmp_path / "part"
-    monkeypatch.setattr(loop, "_checkpoint", crash_after)
+    monkeypatch.setattr(loop, "save_training_state", crash_after)
     with pytest.raises(KeyboardInterrupt):
         loop.train(cfg(), part, data="bundled:train", quiet=True)
-    monkeypatch.setattr(loop, "_checkpoint", real)
+    monkeypatch.setattr(loop, "save_training_state", real)
     loop.train(cfg(), part, data="bundled:train", resume=True, quiet=True)
     assert_same_run(full, part)
 
