@@ -56,3 +56,15 @@ def load_checkpoint(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or foreign file
         raise DinoforgeError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+def check_crop_size(ckpt: dict, global_crops_size: int, path: Path) -> None:
+    """Refuse to resume a checkpoint trained at another global crop size (its position embedding has another grid):
+    one line that says how to resume, or how to continue at the new size as a new run."""
+    trained = ckpt.get("config", {}).get("crops", {}).get("global_crops_size")
+    if trained is not None and trained != global_crops_size:
+        raise DinoforgeError(
+            f"cannot resume {path}: it was trained with crops.global_crops_size={trained}, the config asks for "
+            f"{global_crops_size}; resume with crops.global_crops_size={trained}, or start a new run (another -o) "
+            f"from it with student.pretrained_weights={path} (position embedding resized, heads kept)"
+        )

@@ -19,8 +19,15 @@ from dinoforge.data.collate import collate_data_and_cast, mask_and_cast
 from dinoforge.data.datasets import build_dataset
 from dinoforge.data.masking import MaskingGenerator
 from dinoforge.models.vision_transformer import DinoVisionTransformer
-from dinoforge.models.weights import load_backbone, save_backbone
-from dinoforge.train.checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from dinoforge.models.weights import load_backbone, load_state_dict_strict, save_backbone
+from dinoforge.train.checkpoint import (
+    check_crop_size,
+    list_checkpoints,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from dinoforge.train.data import SeededAugment, SeededCollate, StepSampler, seed_everything
 from dinoforge.train.distributed import average_gradients, broadcast_module, fully_shard_model
 from dinoforge.train.logging import MetricsLog, Progress, StallMonitor, plot_curves
@@ -110,7 +117,7 @@ def _optim_state(model: SSLMetaArch, optimizer: torch.optim.Optimizer, sharded: 
 
 def _load_full_state(model, optimizer, ckpt: dict, sharded: bool) -> None:
     if not sharded:
-        model.load_state_dict(ckpt["model"])
+        load_state_dict_strict(model, ckpt["model"], source=f"checkpoint of iteration {ckpt['iteration']}")
         optimizer.load_state_dict(ckpt["optimizer"])
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
@@ -166,7 +173,9 @@ def train(
     seed_everything(cfg.train.seed)
     model = SSLMetaArch(cfg)
     if cfg.student.pretrained_weights:
-        model.load_pretrained_backbone(load_backbone(cfg.student.pretrained_weights))
+        loaded = model.load_pretrained(cfg.student.pretrained_weights)
+        if main and not quiet:
+            eprint(loaded)
     model.to(device).train()
     epoch_len = cfg.train.OFFICIAL_EPOCH_LENGTH
     max_iter = cfg.optim.epochs * epoch_len
@@ -184,6 +193,7 @@ def train(
     if resume and existing:
         last_ckpt = existing[-1]
         ckpt = load_checkpoint(last_ckpt)
+        check_crop_size(ckpt, cfg.crops.global_crops_size, last_ckpt)
         _load_full_state(model, optimizer, ckpt, sharded)
         set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
         start_iter = ckpt["iteration"] + 1
@@ -209,6 +219,7 @@ def train(
             if "collated_global_crops" not in batch:
                 continue
             batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            model.student.backbone.requires_grad_(it >= cfg.train.freeze_backbone_iters)  # heads-only warm-up
             lr, wd, mom = schedules.lr[it], schedules.wd[it], schedules.momentum[it]
             teacher_temp = schedules.teacher_temp[it]
             apply_optim_scheduler(optimizer, lr, wd, schedules.last_layer_lr[it])
