@@ -283,10 +283,8 @@ def test_pretrained_weights_start(tmp_path):
     with torch.no_grad():
         src.cls_token.fill_(0.5)
     path = save_backbone(src, tmp_path / "w.safetensors")
-    from dinoforge.models.weights import load_backbone
-
     model = SSLMetaArch(cfg)
-    model.load_pretrained_backbone(load_backbone(str(path)))
+    model.load_pretrained(str(path))
     assert torch.equal(model.student.backbone.cls_token, src.cls_token)
     assert torch.equal(model.teacher.backbone.cls_token, src.cls_token)
 

@@ -20,6 +20,28 @@ from dinoforge.utils import DinoforgeError
 FFN_LAYERS = ("mlp", "swiglu", "swiglufused", "identity")
 
 
+def resize_pos_embed(pos_embed: Tensor, grid: tuple[int, int], offset: float, antialias: bool) -> Tensor:
+    """Resize position embeddings (1, 1 + M·M, D) to a patch grid (h, w) exactly like the official code, in fp32.
+
+    The CLS position is kept. Offset mode (released models): bicubic with scale factor (h + offset) / M. Offset 0
+    (register models): bicubic to an explicit size, optionally antialiased. Used at forward time for inputs of
+    another size and, once, when weights are loaded into a model built for another image size.
+    """
+    pos = pos_embed.float()
+    n, dim = pos.shape[1] - 1, pos.shape[-1]
+    m = math.isqrt(n)
+    if m * m != n:
+        raise DinoforgeError(f"position embedding of {n} patches is not a square grid; cannot resize it")
+    h, w = grid
+    patches = pos[:, 1:].reshape(1, m, m, dim).permute(0, 3, 1, 2)
+    if offset:
+        kwargs: dict[str, Any] = {"scale_factor": ((h + offset) / m, (w + offset) / m)}
+    else:
+        kwargs = {"size": (h, w)}
+    patches = F.interpolate(patches, mode="bicubic", antialias=antialias, **kwargs)
+    return torch.cat((pos[:, :1], patches.permute(0, 2, 3, 1).reshape(1, -1, dim)), dim=1)
+
+
 class DinoVisionTransformer(nn.Module):
     """ViT with CLS/register/mask tokens, LayerScale and official position-embedding interpolation.
 
@@ -116,28 +138,11 @@ class DinoVisionTransformer(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def interpolate_pos_encoding(self, x: Tensor, h: int, w: int) -> Tensor:
-        """Resize the patch position embeddings to an (h/p, w/p) grid exactly like the official code.
-
-        Offset mode (released models): bicubic with scale factor (n + offset) / M. Offset 0 (register
-        models): bicubic to an explicit size, optionally antialiased. x holds CLS + patch tokens.
-        """
-        npatch = x.shape[1] - 1
-        n = self.pos_embed.shape[1] - 1
-        if npatch == n and h == w:
+        """Position embeddings for an h×w input (x holds CLS + patch tokens), resized by `resize_pos_embed`."""
+        if x.shape[1] == self.pos_embed.shape[1] and h == w:
             return self.pos_embed
-        pos = self.pos_embed.float()
-        dim = x.shape[-1]
-        m = int(math.sqrt(n))
-        h0, w0 = h // self.patch_size, w // self.patch_size
-        grid = pos[:, 1:].reshape(1, m, m, dim).permute(0, 3, 1, 2)
-        if self.interpolate_offset:
-            scale = (float(h0 + self.interpolate_offset) / m, float(w0 + self.interpolate_offset) / m)
-            kwargs: dict[str, Any] = {"scale_factor": scale}
-        else:
-            kwargs = {"size": (h0, w0)}
-        grid = F.interpolate(grid, mode="bicubic", antialias=self.interpolate_antialias, **kwargs)
-        grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim)
-        return torch.cat((pos[:, :1], grid), dim=1).to(x.dtype)
+        grid = (h // self.patch_size, w // self.patch_size)
+        return resize_pos_embed(self.pos_embed, grid, self.interpolate_offset, self.interpolate_antialias).to(x.dtype)
 
     def _check_size(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]

@@ -7,6 +7,7 @@ them, and a file that is not a checkpoint gives a one-line error naming it. Noth
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from torch import Tensor
 from dinoforge.models.formats.hf import hf_to_official, read_hf_folder
 from dinoforge.models.formats.timm import timm_to_official
 from dinoforge.models.layers import swiglu_hidden_features
-from dinoforge.models.vision_transformer import ARCHS, DinoVisionTransformer
+from dinoforge.models.vision_transformer import ARCHS, DinoVisionTransformer, resize_pos_embed
 from dinoforge.utils import DinoforgeError, first_line, require_file
 
 # released hub models: letter of the name -> size in ARCHS, and the FFN each size was released with
@@ -60,7 +61,9 @@ def load_backbone(
     random-init baseline, or of a curation embedding with one, gets the same weights.
 
     The architecture comes from the name, else from the `arch` stored with the weights, else it is
-    inferred from tensor shapes; `overrides` (e.g. pad_to_patch=True) are applied last. Eval mode.
+    inferred from tensor shapes; `overrides` (e.g. pad_to_patch=True) are applied last. An `img_size` override
+    resizes the position embedding once, the way the weights' own model would at forward time (e.g. released
+    518 px weights for 224 px training). Eval mode.
     """
     name = str(name_or_path)
     if name in HUB_ARCHS:
@@ -85,8 +88,24 @@ def load_backbone(
     with torch.device("meta"):  # skip the random init that the weights overwrite anyway
         model = build_backbone({**arch, **overrides})
     state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+    state_dict = fit_pos_embed(state_dict, model, arch)
     load_state_dict_strict(model, state_dict, source=str(weights), assign=True)
     return model.to(device).eval()
+
+
+def fit_pos_embed(
+    state_dict: dict[str, Tensor], model: DinoVisionTransformer, arch: dict[str, Any]
+) -> dict[str, Tensor]:
+    """`state_dict` with its position embedding resized to `model`'s patch grid, with the interpolation settings
+    of `arch` (the weights' own model). Unchanged when the grids agree or the widths differ (the strict load then
+    names the mismatch)."""
+    pos, want = state_dict.get("pos_embed"), model.pos_embed.shape
+    if pos is None or pos.shape == want or pos.shape[-1] != want[-1] or pos.dim() != 3:
+        return state_dict
+    side = math.isqrt(want[1] - 1)
+    offset, antialias = arch.get("interpolate_offset", 0.1), arch.get("interpolate_antialias", False)
+    resized = resize_pos_embed(pos, (side, side), offset, antialias).to(pos.dtype)
+    return {**state_dict, "pos_embed": resized}
 
 
 def load_state_dict_strict(

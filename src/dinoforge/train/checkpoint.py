@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from dinoforge import distributed as dist_utils
+from dinoforge.models.weights import load_state_dict_strict
 from dinoforge.utils import DinoforgeError, atomic_torch_save
 
 CKPT_RE = re.compile(r"model_(\d+)\.pth$")
@@ -76,6 +77,18 @@ def load_checkpoint(path: Path) -> dict:
         raise DinoforgeError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
+def check_crop_size(ckpt: dict, global_crops_size: int, path: Path) -> None:
+    """Refuse to resume a checkpoint trained at another global crop size (its position embedding has another grid):
+    one line that says how to resume, or how to continue at the new size as a new run."""
+    trained = ckpt.get("config", {}).get("crops", {}).get("global_crops_size")
+    if trained is not None and trained != global_crops_size:
+        raise DinoforgeError(
+            f"cannot resume {path}: it was trained with crops.global_crops_size={trained}, the config asks for "
+            f"{global_crops_size}; resume with crops.global_crops_size={trained}, or start a new run (another -o) "
+            f"from it with student.pretrained_weights={path} (position embedding resized, heads kept)"
+        )
+
+
 def model_state(model: nn.Module, sharded: bool) -> dict:
     """The full (unsharded) model state dict; collective under FSDP2, complete on rank 0."""
     if not sharded:
@@ -99,7 +112,7 @@ def restore_training_state(
 ) -> None:
     """Put a checkpoint's model, optimizer and this rank's RNG states back (under FSDP2 from the full dicts)."""
     if not sharded:
-        model.load_state_dict(ckpt["model"])
+        load_state_dict_strict(model, ckpt["model"], source=f"checkpoint of iteration {ckpt['iteration']}")
         optimizer.load_state_dict(ckpt["optimizer"])
     else:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict

@@ -54,7 +54,8 @@ def train_command(
     """DINOv2 self-supervised pretraining (DINO + iBOT + KoLeo, EMA teacher, multi-crop).
 
     Runs on one process, or under `torchrun --nproc-per-node N -m dinoforge train ...` (gloo on CPU, NCCL on GPU;
-    train.distributed=ddp|fsdp). Start from existing backbone weights with student.pretrained_weights=PATH.
+    train.distributed=ddp|fsdp). Start from existing backbone weights with student.pretrained_weights=PATH (released
+    518 px weights are resized to the crop size; train.freeze_backbone_iters=N trains the fresh heads alone first).
     For a short run or a small data set use train.recipe=small (schedules, LayerScale, blur and prototypes derived
     from the run; the official presets keep train.recipe=official).
     """

@@ -21,6 +21,7 @@ from dinoforge.data.masking import MaskingGenerator
 from dinoforge.models.vision_transformer import DinoVisionTransformer
 from dinoforge.models.weights import load_backbone, save_backbone
 from dinoforge.train.checkpoint import (
+    check_crop_size,
     load_newest_checkpoint,
     model_state,
     restore_training_state,
@@ -138,7 +139,9 @@ def train(
     seed_everything(cfg.train.seed)
     model = SSLMetaArch(cfg)
     if cfg.student.pretrained_weights:
-        model.load_pretrained_backbone(load_backbone(cfg.student.pretrained_weights))
+        loaded = model.load_pretrained(cfg.student.pretrained_weights)
+        if main and not quiet:
+            eprint(loaded)
     model.to(device).train()
     epoch_len = cfg.train.OFFICIAL_EPOCH_LENGTH
     max_iter = cfg.optim.epochs * epoch_len
@@ -155,6 +158,7 @@ def train(
     newest = load_newest_checkpoint(ckpt_dir) if resume else None
     if newest is not None:
         last_ckpt, ckpt, unreadable = newest
+        check_crop_size(ckpt, cfg.crops.global_crops_size, last_ckpt)
         restore_training_state(model, optimizer, ckpt, sharded, rank)
         start_iter = ckpt["iteration"] + 1
         if main and not quiet:
@@ -181,6 +185,7 @@ def train(
             if "collated_global_crops" not in batch:
                 continue
             batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            model.student.backbone.requires_grad_(it >= cfg.train.freeze_backbone_iters)  # heads-only warm-up
             lr, wd, mom = schedules.lr[it], schedules.wd[it], schedules.momentum[it]
             teacher_temp = schedules.teacher_temp[it]
             apply_optim_scheduler(optimizer, lr, wd, schedules.last_layer_lr[it])

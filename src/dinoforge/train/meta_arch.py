@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -14,14 +15,13 @@ from dinoforge.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinoforge.models.heads import DINOHead
 from dinoforge.models.vision_transformer import ARCHS, DinoVisionTransformer
 from dinoforge.train.distributed import reshard
+from dinoforge.utils import DinoforgeError
 
 
 def backbone_kwargs(cfg: DictConfig) -> dict:
     """Constructor kwargs of the student backbone from the official `student`/`crops` keys."""
     s = cfg.student
     if s.arch not in ARCHS:
-        from dinoforge.utils import DinoforgeError
-
         raise DinoforgeError(f"unknown student.arch {s.arch!r}; choose from {', '.join(ARCHS)}")
     kw = dict(ARCHS[s.arch])
     for key in ("embed_dim", "depth", "num_heads"):
@@ -106,11 +106,28 @@ class SSLMetaArch(nn.Module):
         self.teacher.eval()
         return self
 
-    def load_pretrained_backbone(self, backbone: nn.Module) -> None:
-        """Start the student (and its EMA) from existing backbone weights; heads stay freshly initialised."""
-        state = backbone.state_dict()
-        self.student.backbone.load_state_dict(state)
-        (self.student_ema if self.distill else self.teacher).backbone.load_state_dict(state)
+    def load_pretrained(self, path: str) -> str:
+        """Start the student and its EMA (the teacher, or student_ema when distilling) from a weights file.
+
+        The backbone's position embedding is resized to the global crop size as the weights' own model would do at
+        that size; a training checkpoint's teacher heads are loaded too, other files leave the heads freshly
+        initialised. Any other mismatch is one DinoforgeError naming the keys. Returns a line saying what was loaded.
+        """
+        from dinoforge.models.weights import load_backbone, load_state_dict_strict
+
+        backbone = load_backbone(path, img_size=self.arch["img_size"])
+        state = {"backbone": backbone.state_dict(), **read_teacher_heads(path)}
+        extra = sorted(set(state) - set(self.student))
+        if extra:
+            raise DinoforgeError(
+                f"{path} holds {', '.join(extra)} that this config has no place for (ibot.separate_head is false)"
+            )
+        ema = self.student_ema if self.distill else self.teacher
+        for name, sd in state.items():
+            load_state_dict_strict(self.student[name], sd, source=f"{path} ({name})")
+            ema[name].load_state_dict(self.student[name].state_dict())
+        heads = " and ".join(n for n in state if n != "backbone") or "none (fresh heads)"
+        return f"starting from {path}: backbone at {self.arch['img_size']} px, heads from the file: {heads}"
 
     def _distillation_batch(self, batch: dict) -> dict:
         """No masking in distillation: iBOT compares every patch token of the global crops."""
@@ -242,20 +259,10 @@ def _head_kwargs(sd: dict[str, torch.Tensor]) -> dict:
     )
 
 
-def load_distillation_teacher(path: str, patch_size: int) -> tuple[nn.ModuleDict, dict[str, dict]]:
-    """The frozen teacher (backbone + heads) of a dinoforge or official training checkpoint, and its head shapes.
-
-    Accepts {"teacher": {backbone.*, dino_head.*, ...}} (official eval checkpoints) and {"model": {teacher.*}}
-    (official and dinoforge training checkpoints); backbone weights alone are refused: the targets need heads.
-    """
-    from dinoforge.models.weights import build_backbone, infer_arch, load_state_dict_strict, normalize_state_dict
-    from dinoforge.utils import DinoforgeError, require_file
-
-    path = str(require_file(path, "distillation teacher checkpoint"))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DinoforgeError(f"cannot read teacher checkpoint {path}: {type(e).__name__}") from None
+def _teacher_parts(obj: object) -> dict[str, dict[str, torch.Tensor]]:
+    """The teacher's backbone, dino_head and ibot_head state dicts (each possibly empty) of a checkpoint object:
+    {"teacher": {backbone.*, dino_head.*, ...}} (official eval checkpoints) or {"model": {teacher.*}} (official and
+    dinoforge training checkpoints); anything else has none."""
     if isinstance(obj, dict) and isinstance(obj.get("teacher"), dict):
         sd = obj["teacher"]
     elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
@@ -263,10 +270,40 @@ def load_distillation_teacher(path: str, patch_size: int) -> tuple[nn.ModuleDict
     else:
         sd = {}
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    parts = {
+    return {
         name: {k[len(name) + 1 :]: v for k, v in sd.items() if k.startswith(name + ".")}
         for name in ("backbone", "dino_head", "ibot_head")
     }
+
+
+def read_teacher_heads(path: str) -> dict[str, dict[str, torch.Tensor]]:
+    """The DINO/iBOT heads of the teacher in a training checkpoint file (see _teacher_parts); {} for backbone-only
+    weights (released .pth files, exports, safetensors, HF folders)."""
+    p = Path(path)
+    if not p.is_file() or p.suffix == ".safetensors":
+        return {}
+    try:  # mmap: the file was read once already (load_backbone), and a training checkpoint holds optimizer state
+        obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    return {name: sd for name, sd in _teacher_parts(obj).items() if name != "backbone" and sd}
+
+
+def load_distillation_teacher(path: str, patch_size: int) -> tuple[nn.ModuleDict, dict[str, dict]]:
+    """The frozen teacher (backbone + heads) of a dinoforge or official training checkpoint, and its head shapes.
+
+    Accepts {"teacher": {backbone.*, dino_head.*, ...}} (official eval checkpoints) and {"model": {teacher.*}}
+    (official and dinoforge training checkpoints); backbone weights alone are refused: the targets need heads.
+    """
+    from dinoforge.models.weights import build_backbone, infer_arch, load_state_dict_strict, normalize_state_dict
+    from dinoforge.utils import require_file
+
+    path = str(require_file(path, "distillation teacher checkpoint"))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DinoforgeError(f"cannot read teacher checkpoint {path}: {type(e).__name__}") from None
+    parts = _teacher_parts(obj)
     if not parts["backbone"] or not parts["dino_head"]:
         raise DinoforgeError(
             f"{path} has no teacher backbone + dino_head: distillation needs a training checkpoint with heads"
