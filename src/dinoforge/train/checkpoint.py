@@ -127,6 +127,24 @@ def restore_training_state(
     set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
 
 
+def resume_training_state(
+    ckpt_dir: Path, cfg: DictConfig, model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool, rank: int, say
+) -> tuple[int, Path | None]:
+    """--resume: restore the newest readable checkpoint in `ckpt_dir` (refusing another crop size) and return
+    (first iteration to run, its path); (0, None) when there is none. `say` prints the user's lines."""
+    newest = load_newest_checkpoint(ckpt_dir)
+    if newest is None:
+        say(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch")
+        return 0, None
+    path, ckpt, unreadable = newest
+    check_crop_size(ckpt, cfg.crops.global_crops_size, path)
+    restore_training_state(model, optimizer, ckpt, sharded, rank)
+    for reason in unreadable:
+        say(f"warning: skipping a newer checkpoint: {reason}")
+    say(f"resuming from {path} at iteration {ckpt['iteration'] + 1}")
+    return ckpt["iteration"] + 1, path
+
+
 def save_training_state(
     cfg: DictConfig,
     model: nn.Module,

@@ -20,13 +20,7 @@ from dinoforge.data.datasets import build_dataset, skipped_summary
 from dinoforge.data.masking import MaskingGenerator
 from dinoforge.models.vision_transformer import DinoVisionTransformer
 from dinoforge.models.weights import load_backbone, save_backbone
-from dinoforge.train.checkpoint import (
-    check_crop_size,
-    load_newest_checkpoint,
-    model_state,
-    restore_training_state,
-    save_training_state,
-)
+from dinoforge.train.checkpoint import model_state, resume_training_state, save_training_state
 from dinoforge.train.data import SeededAugment, SeededCollate, StepSampler, seed_everything, seed_step
 from dinoforge.train.distributed import average_gradients, broadcast_module, fully_shard_model
 from dinoforge.train.logging import MetricsLog, Progress, StallMonitor, plot_curves
@@ -105,6 +99,60 @@ def export_teacher(model_state: dict, arch: dict, path: Path, prefix: str = "tea
     return path
 
 
+SHOWN_LOSSES = (  # (label, metric) pairs on the progress bar
+    ("loss", "total_loss"),
+    ("dino", "dino_global_crops_loss"),
+    ("ibot", "ibot_loss"),
+    ("koleo", "koleo_loss"),
+)
+
+
+def _check_finite(values: dict[str, float], it: int, last_ckpt: Path | None) -> None:
+    """Stop at the first non-finite loss, naming the step, the losses and the checkpoint to go back to."""
+    if not math.isfinite(values["total_loss"]):
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items() if "loss" in k)
+        raise DinoforgeError(
+            f"non-finite loss at iteration {it} ({shown}); last good checkpoint: {last_ckpt or 'none'}"
+        )
+
+
+def _silent(*_: object) -> None:
+    """The message sink of non-main ranks and quiet runs."""
+
+
+def _finalise_config(cfg: DictConfig, output_dir: Path, n_images: int, world: int, main: bool, say) -> object:
+    """Fill in what depends on the run (the small recipe's derived values, the batch-scaled lr, the output folder),
+    save the final config as config.yaml and return the per-iteration schedules."""
+    resolved = resolve_recipe(cfg, n_images, world)
+    if resolved:
+        say(f"recipe {cfg.train.recipe}: " + " ".join(f"{k}={v}" for k, v in resolved.items()))
+    OmegaConf.set_struct(cfg, False)
+    cfg.train.output_dir = str(output_dir)
+    schedules = build_schedulers(cfg, world)
+    cfg.optim.lr = scaled_lr(cfg.optim.base_lr, cfg.train.batch_size_per_gpu * world, cfg.optim.scaling_rule)
+    OmegaConf.set_struct(cfg, True)
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, output_dir / "config.yaml")
+    return schedules
+
+
+def _optimizer_step(cfg: DictConfig, model: SSLMetaArch, optimizer, scaler, sharded: bool) -> None:
+    """Average the student's gradients over ranks (FSDP2 reduces its own), unscale fp16 gradients, clip, step."""
+    if not sharded:
+        average_gradients(list(model.student.values()))
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if cfg.optim.clip_grad:
+        for m in model.student.values():
+            torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.optim.clip_grad)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
 def train(
     cfg: DictConfig,
     output_dir: Path,
@@ -121,27 +169,15 @@ def train(
     device = dist_utils.init_from_env()
     world, rank = dist_utils.world_size(), dist_utils.rank()
     main = rank == 0
+    say = eprint if main and not quiet else _silent
     output_dir = Path(output_dir)
-    ckpt_dir = output_dir / "checkpoints"
     dataset = build_dataset(data or cfg.train.dataset_path, transform=None, split="train")
-    resolved = resolve_recipe(cfg, len(dataset), world)
-    if resolved and main and not quiet:
-        eprint(f"recipe {cfg.train.recipe}: " + " ".join(f"{k}={v}" for k, v in resolved.items()))
-    OmegaConf.set_struct(cfg, False)
-    cfg.train.output_dir = str(output_dir)
-    schedules = build_schedulers(cfg, world)
-    cfg.optim.lr = scaled_lr(cfg.optim.base_lr, cfg.train.batch_size_per_gpu * world, cfg.optim.scaling_rule)
-    OmegaConf.set_struct(cfg, True)
-    if main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, output_dir / "config.yaml")
+    schedules = _finalise_config(cfg, output_dir, len(dataset), world, main, say)
 
     seed_everything(cfg.train.seed)
     model = SSLMetaArch(cfg)
     if cfg.student.pretrained_weights:
-        loaded = model.load_pretrained(cfg.student.pretrained_weights)
-        if main and not quiet:
-            eprint(loaded)
+        say(model.load_pretrained(cfg.student.pretrained_weights))
     model.to(device).train()
     epoch_len = cfg.train.OFFICIAL_EPOCH_LENGTH
     max_iter = cfg.optim.epochs * epoch_len
@@ -154,19 +190,10 @@ def train(
         broadcast_module(model)
     optimizer = build_optimizer(cfg, model, fused=not sharded)  # after sharding: FSDP2 swaps the parameters
 
+    ckpt_dir = output_dir / "checkpoints"
     start_iter, last_ckpt = 0, None
-    newest = load_newest_checkpoint(ckpt_dir) if resume else None
-    if newest is not None:
-        last_ckpt, ckpt, unreadable = newest
-        check_crop_size(ckpt, cfg.crops.global_crops_size, last_ckpt)
-        restore_training_state(model, optimizer, ckpt, sharded, rank)
-        start_iter = ckpt["iteration"] + 1
-        if main and not quiet:
-            for reason in unreadable:
-                eprint(f"warning: skipping a newer checkpoint: {reason}")
-            eprint(f"resuming from {last_ckpt} at iteration {start_iter}")
-    elif resume and main and not quiet:
-        eprint(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch")
+    if resume:
+        start_iter, last_ckpt = resume_training_state(ckpt_dir, cfg, model, optimizer, sharded, rank, say)
 
     amp_dtype = _autocast_dtype(cfg, device)
     scaler = (
@@ -194,23 +221,8 @@ def train(
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 parts = model.forward_backward(batch, teacher_temp=teacher_temp, scaler=scaler)
             values = dist_utils.all_reduce_mean(parts)
-            if not math.isfinite(values["total_loss"]):
-                shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items() if "loss" in k)
-                raise DinoforgeError(
-                    f"non-finite loss at iteration {it} ({shown}); last good checkpoint: {last_ckpt or 'none'}"
-                )
-            if not sharded:
-                average_gradients(list(model.student.values()))
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if cfg.optim.clip_grad:
-                for m in model.student.values():
-                    torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.optim.clip_grad)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+            _check_finite(values, it, last_ckpt)
+            _optimizer_step(cfg, model, optimizer, scaler, sharded)
             model.update_teacher(mom)
 
             n_images += batch["collated_global_crops"].shape[0] // 2 * world
@@ -220,9 +232,8 @@ def train(
                 last["stalled"] = monitor.check(it, values)
                 log.log(it, last)
             progress.update(
-                f"loss {values['total_loss']:.3f} dino {values.get('dino_global_crops_loss', 0):.3f} "
-                f"ibot {values.get('ibot_loss', 0):.3f} koleo {values.get('koleo_loss', 0):.3f} "
-                f"lr {lr:.2e} {ips:.0f} img/s"
+                " ".join(f"{name} {values.get(key, 0):.3f}" for name, key in SHOWN_LOSSES)
+                + f" lr {lr:.2e} {ips:.0f} img/s"
             )
             if (it + 1) % ckpt_period == 0 or it == max_iter - 1:
                 last_ckpt = save_training_state(cfg, model, optimizer, it, ckpt_dir, sharded, main)
