@@ -245,7 +245,8 @@ def test_raw_pixel_knn_on_bundled_matches_sklearn():
 
 def test_curated_manifest_of_the_bundled_set_reads_back(tmp_path):
     """Curating `bundled:val` writes item names (`bundled:val/17`), not paths; the manifest feeds training."""
-    from dinoforge.curate.pipeline import load_config, run_pipeline
+    from dinoforge.curate.config import load_config
+    from dinoforge.curate.pipeline import run_pipeline
 
     report = run_pipeline(load_config(None, ["pool=bundled:val", "device=cpu"]), tmp_path / "cur")
     manifest = tmp_path / "cur" / "manifest.jsonl"
