@@ -1,12 +1,19 @@
 """Shared pytest set-up: quiet progress bars, deterministic seeds, one torch thread per xdist worker."""
 
 import os
+import tempfile
 
 import numpy as np
 import pytest
 import torch
 
 os.environ.setdefault("DINOFORGE_NO_PROGRESS", "1")
+# hub names look for released weights in torch.hub's and Hugging Face's caches: tests (and their CLI subprocesses)
+# see empty ones, never this machine's; a test that wants weights there builds its own (tests/test_hub_weights.py)
+_NO_CACHES = os.path.join(tempfile.gettempdir(), "dinoforge-tests-no-weight-caches")
+for _var in ("TORCH_HOME", "HF_HOME", "HF_HUB_CACHE"):
+    os.environ[_var] = os.path.join(_NO_CACHES, _var.lower())
+os.environ.pop("HUGGINGFACE_HUB_CACHE", None)
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 

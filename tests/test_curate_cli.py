@@ -134,7 +134,8 @@ def test_embed_resume_with_another_model_is_one_line_error(tmp_path):
     invoke("embed", "--data", pool, "--out", tmp_path / "emb", "--device", "cpu")
     before = sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "emb").iterdir())
     r = run_cli(
-        "curate", "embed", "--data", str(pool), "--out", str(tmp_path / "emb"), "-m", "dinov2_vits14", "--device", "cpu"
-    )
+        "curate", "embed", "--data", str(pool), "--out", str(tmp_path / "emb"), "-m", "dinov2_vits14", "--random-init",
+        "--device", "cpu",
+    )  # fmt: skip
     assert_one_line_error(r, "holds embeddings from another model", "model=pixel", "model=dinov2_vits14")
     assert sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "emb").iterdir()) == before  # untouched

@@ -308,7 +308,7 @@ def test_embedder_identity_tracks_weights_file(tmp_path):
     from dinoforge.curate.embed import embedder, embedder_identity
 
     assert embedder_identity("pixel") == embedder_identity("thumbnail")
-    assert embedder_identity("pixel") != embedder_identity("dinov2_vits14")
+    assert embedder_identity("pixel") != embedder_identity("dinov2_vits14", random_init=True)
     w = tmp_path / "w.pth"
     w.write_bytes(b"0" * 10)
     first = embedder_identity("dinov2_vits14", w)
@@ -316,7 +316,7 @@ def test_embedder_identity_tracks_weights_file(tmp_path):
     assert embedder_identity("dinov2_vits14", w) == first
     w.write_bytes(b"0" * 11)  # same path, new weights
     assert embedder_identity("dinov2_vits14", w) != first
-    assert embedder_identity(str(w)) != embedder_identity("dinov2_vits14")  # a weights file given as the model
+    assert embedder_identity(str(w)) != embedder_identity("dinov2_vits14", random_init=True)  # a file as the model
     with pytest.raises(DinoforgeError, match="pixel descriptor takes no weights"):
         embedder("pixel", w)
 

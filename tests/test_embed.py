@@ -154,6 +154,6 @@ def test_embed_cli_errors(tmp_path):
     res = CliRunner().invoke(app, ["embed", "--data", "bundled", "--out", str(tmp_path)])
     assert isinstance(res.exception, DinoforgeError) and "--model" in str(res.exception)
     res = CliRunner().invoke(
-        app, ["embed", "-m", "dinov2_vits14", "--data", str(tmp_path / "nope"), "--out", str(tmp_path)]
+        app, ["embed", "-m", "dinov2_vits14", "--random-init", "--data", str(tmp_path / "nope"), "--out", str(tmp_path)]
     )
     assert isinstance(res.exception, DinoforgeError) and "nope" in str(res.exception)

@@ -36,7 +36,7 @@ def reg_model():
 
 def test_hub_names_build_official_configs():
     with torch.device("meta"):
-        m = load_backbone("dinov2_vits14_reg", device="meta")
+        m = load_backbone("dinov2_vits14_reg", device="meta", random_init=True)
     assert not m.training
     assert (m.num_register_tokens, m.interpolate_antialias, m.interpolate_offset) == (4, True, 0.0)
     assert m.pos_embed.shape == (1, 37 * 37 + 1, 384) and m.blocks[0].ls1.init_values == 1.0
@@ -51,9 +51,9 @@ def test_random_init_by_hub_name_is_the_same_in_every_call():
     torch.manual_seed(1)
     expected_next = torch.rand(3)
     torch.manual_seed(1)
-    a = load_backbone("dinov2_vits14")
+    a = load_backbone("dinov2_vits14", random_init=True)
     assert torch.equal(torch.rand(3), expected_next)  # the caller's RNG is untouched
-    b = load_backbone("dinov2_vits14")
+    b = load_backbone("dinov2_vits14", random_init=True)
     sa, sb = a.state_dict(), b.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert sa["blocks.0.attn.qkv.weight"].std() > 0.01  # a real (truncated normal) init, not zeros

@@ -9,7 +9,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, WeightsOpt, load_model_from_opts
+from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, RandomInitOpt, WeightsOpt, load_model_from_opts
 from dinoforge.curate.cli import app as curate_app
 from dinoforge.eval.cli import app as eval_app
 from dinoforge.export.cli import app as export_app
@@ -44,6 +44,7 @@ def embed_command(
     out: OutOpt,
     model: ModelOpt = None,
     weights: WeightsOpt = None,
+    random_init: RandomInitOpt = False,
     patch_tokens: Annotated[
         bool, typer.Option("--patch-tokens", help="Also save the normalised patch tokens [N, n_patches, D].")
     ] = False,
@@ -64,8 +65,9 @@ def embed_command(
     files.txt (embedded items in row order), skipped.txt (corrupt/non-image files) and meta.json."""
     from dinoforge.data.datasets import report_skipped
     from dinoforge.eval.features import save_embeddings
+    from dinoforge.models.hub import weights_source
 
-    net = load_model_from_opts(model, weights, device)
+    net = load_model_from_opts(model, weights, device, random_init)
     meta = save_embeddings(
         net,
         data,
@@ -74,7 +76,7 @@ def embed_command(
         size=size,
         batch_size=batch_size,
         num_workers=num_workers,
-        record={"model": model, "weights": str(weights) if weights else None},
+        record={"model": model, "weights": weights_source(model, weights, random_init), "random_init": random_init},
     )
     skipped = meta["skipped_images"] + meta["num_non_image_files"]
     typer.echo(f"embedded {meta['num_images']} images, skipped {skipped} -> {out}")

@@ -9,7 +9,7 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from dinoforge.cli_common import BatchOpt, DeviceOpt, OutOpt, WeightsOpt
+from dinoforge.cli_common import BatchOpt, DeviceOpt, OutOpt, RandomInitOpt, WeightsOpt
 from dinoforge.utils import DinoforgeError, write_json
 
 app = typer.Typer(
@@ -49,6 +49,7 @@ def embed_cmd(
         ),
     ] = "pixel",
     weights: WeightsOpt = None,
+    random_init: RandomInitOpt = False,
     shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Images per shard file.")] = 10000,
     batch_size: BatchOpt = 64,
     device: DeviceOpt = "auto",
@@ -58,7 +59,7 @@ def embed_cmd(
     from dinoforge.distributed import init_from_env
 
     init_from_env()
-    stats = embed_images(data, out, model, weights, shard_size, batch_size, device)
+    stats = embed_images(data, out, model, weights, shard_size, batch_size, device, random_init)
     typer.echo(
         f"embedded {stats['embedded']} images, skipped {stats['skipped']} unreadable, "
         f"resumed {stats['resumed_shards']} finished shard(s) -> {out}"

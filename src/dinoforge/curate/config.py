@@ -19,6 +19,7 @@ DEFAULTS: dict[str, Any] = {
     "test": [],
     "model": "pixel",
     "weights": None,
+    "random_init": False,
     "device": "auto",
     "batch_size": 64,
     "shard_size": 10000,
@@ -99,8 +100,9 @@ def _check_values(c: dict[str, Any]) -> dict[str, Any]:
     for key in ("batch_size", "shard_size"):
         _int(key, c[key], 1)
     _int("seed", c["seed"], 0)
-    if not isinstance(c["gpu"], bool):
-        raise _fail("gpu", "true or false", c["gpu"])
+    for key in ("gpu", "random_init"):
+        if not isinstance(c[key], bool):
+            raise _fail(key, "true or false", c[key])
     d = c["dedup"]
     d["threshold"] = _float("dedup.threshold", d["threshold"], -1.0, 1.0)
     d["test_threshold"] = _float("dedup.test_threshold", d["test_threshold"], -1.0, 1.0)

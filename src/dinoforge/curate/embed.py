@@ -162,9 +162,12 @@ def _fingerprint(path: str | Path) -> str:
     return f"{p} ({size} bytes, modified {when})"
 
 
-def embedder_identity(model: str | None, weights: str | Path | None = None) -> dict[str, Any]:
+def embedder_identity(
+    model: str | None, weights: str | Path | None = None, random_init: bool = False
+) -> dict[str, Any]:
     """What produced a curation embedding, recorded in every shard: the model name (or its file with size
-    and modification time), the weights file likewise, the input image size and the descriptor."""
+    and modification time), the weights file likewise (for a hub name, the cached released file it loads, or the
+    random init), the input image size and the descriptor."""
     if model in ("pixel", "thumbnail"):
         grid = ThumbnailDescriptor().size
         return {
@@ -172,18 +175,29 @@ def embedder_identity(model: str | None, weights: str | Path | None = None) -> d
             "descriptor": f"thumbnail {grid}x{grid} per channel",
             "image_size": PIXEL_IMAGE_SIZE,
         }
+    from dinoforge.models.hub import TORCH_HUB_FILES, find_hub_weights
+
     name = str(model or weights)
+    if random_init:
+        described = "random init (seed 0)"
+    elif weights is None and name in TORCH_HUB_FILES:
+        described = _fingerprint(find_hub_weights(name))
+    else:
+        described = None if weights is None else _fingerprint(weights)
     return {
         "model": _fingerprint(name) if Path(name).exists() else name,
-        "weights": None if weights is None else _fingerprint(weights),
+        "weights": described,
         "descriptor": "cls token (x_norm_clstoken)",
         "image_size": f"resize {BACKBONE_RESIZE}, centre crop {BACKBONE_CROP}",
     }
 
 
-def embedder(model: str | None, weights: Path | None = None, device: str = "auto") -> tuple[nn.Module, Any]:
+def embedder(
+    model: str | None, weights: Path | None = None, device: str = "auto", random_init: bool = False
+) -> tuple[nn.Module, Any]:
     """(model, transform) for a curation embedding: 'pixel' (or 'thumbnail') gives the copy-detection
-    ThumbnailDescriptor on 64 px images; anything else loads a backbone with the official eval transform."""
+    ThumbnailDescriptor on 64 px images; anything else loads a backbone with the official eval transform (a hub
+    name: its released weights from the local caches, or a seeded random init when `random_init`)."""
     from torchvision import transforms
 
     from dinoforge.data.transforms import eval_transform, normalize_transform
@@ -193,6 +207,8 @@ def embedder(model: str | None, weights: Path | None = None, device: str = "auto
             raise DinoforgeError(
                 f"the pixel descriptor takes no weights: drop --weights/weights ({weights}) or choose a backbone model"
             )
+        if random_init:
+            raise DinoforgeError("the pixel descriptor has no random init: drop --random-init/random_init")
         size = (PIXEL_IMAGE_SIZE, PIXEL_IMAGE_SIZE)
         return ThumbnailDescriptor(), transforms.Compose([transforms.Resize(size), normalize_transform()])
     from dinoforge.models.weights import load_backbone
@@ -200,7 +216,8 @@ def embedder(model: str | None, weights: Path | None = None, device: str = "auto
 
     if model is None and weights is None:
         raise DinoforgeError("give --model NAME and/or --weights PATH")
-    net = load_backbone(model or str(weights), weights=weights, device=str(resolve_device(device))).eval()
+    device = str(resolve_device(device))
+    net = load_backbone(model or str(weights), weights=weights, device=device, random_init=random_init).eval()
     return net, eval_transform(BACKBONE_RESIZE, BACKBONE_CROP)
 
 
@@ -212,12 +229,13 @@ def embed_images(
     shard_size: int = 10000,
     batch_size: int = 64,
     device: str = "auto",
+    random_init: bool = False,
 ) -> dict[str, Any]:
     """Embed an image folder, a .txt/.csv/.jsonl list or `bundled[:split]` into shards (see embed_dataset)."""
     from dinoforge.data.datasets import build_dataset
     from dinoforge.utils import resolve_device
 
-    net, transform = embedder(model, weights, device)
+    net, transform = embedder(model, weights, device, random_init)
     dataset = build_dataset(data, transform=transform)
     if len(dataset) == 0:
         raise DinoforgeError(f"no images found in {data}")
@@ -228,5 +246,5 @@ def embed_images(
         shard_size,
         batch_size,
         resolve_device(device),
-        identity=embedder_identity(model, weights),
+        identity=embedder_identity(model, weights, random_init),
     )

@@ -60,7 +60,7 @@ def montage(paths: list[list[str]], out_png: str | Path, title: str, thumb: int 
 
 
 def _embed(spec: str, out: Path, cfg: DictConfig) -> EmbeddingStore:
-    embed_images(spec, out, cfg.model, cfg.weights, cfg.shard_size, cfg.batch_size, cfg.device)
+    embed_images(spec, out, cfg.model, cfg.weights, cfg.shard_size, cfg.batch_size, cfg.device, cfg.random_init)
     store = EmbeddingStore.open(out)
     if len(store) == 0:
         raise DinoforgeError(f"no readable image in {spec} ({len(store.skipped)} unreadable)")

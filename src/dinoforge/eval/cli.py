@@ -9,7 +9,7 @@ from typing import Annotated
 import torch
 import typer
 
-from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, WeightsOpt, load_model_from_opts
+from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, RandomInitOpt, WeightsOpt, load_model_from_opts
 from dinoforge.data.datasets import report_skipped
 from dinoforge.eval.depth import run_depth_eval
 from dinoforge.eval.features import model_fingerprint
@@ -19,6 +19,7 @@ from dinoforge.eval.logreg import run_logreg_eval
 from dinoforge.eval.retrieval import ground_truth_images, run_labelled_retrieval_eval, run_revisitop_eval
 from dinoforge.eval.segmentation import run_seg_eval
 from dinoforge.eval.video import run_video_eval
+from dinoforge.models.hub import weights_source
 from dinoforge.utils import DinoforgeError, resolve_device
 
 TrainDataOpt = Annotated[
@@ -41,11 +42,14 @@ CacheOpt = Annotated[
 
 
 def _backbone(
-    model: str | None, weights: Path | None, device: str, fingerprint: bool = True
+    model: str | None, weights: Path | None, random_init: bool, device: str, fingerprint: bool = True
 ) -> tuple[torch.nn.Module, str | None]:
-    """The backbone of --model/--weights on --device, and its cache fingerprint (when asked)."""
-    net = load_model_from_opts(model, weights, device)
-    return net, model_fingerprint(net, weights if weights is not None else model) if fingerprint else None
+    """The backbone of --model/--weights/--random-init on --device, and its cache fingerprint (when asked): that of
+    its weights file (for a hub name, the cached file it was loaded from), else of its state dict."""
+    net = load_model_from_opts(model, weights, device, random_init)
+    if not fingerprint:
+        return net, None
+    return net, model_fingerprint(net, weights_source(model, weights, random_init))
 
 
 def _parse_scales(text: str) -> list[float]:
@@ -61,6 +65,7 @@ def _parse_scales(text: str) -> list[float]:
 def knn_command(
     model: ModelOpt = None,
     weights: WeightsOpt = None,
+    random_init: RandomInitOpt = False,
     train_data: TrainDataOpt = "bundled:train",
     val_data: ValDataOpt = "bundled:val",
     out: OutOpt = Path("runs/eval_knn"),
@@ -83,7 +88,7 @@ def knn_command(
     the folder.
     """
     shard = torchrun_shard(device)  # before loading: under torchrun it picks this rank's GPU
-    net, fingerprint = _backbone(model, weights, device)
+    net, fingerprint = _backbone(model, weights, random_init, device)
     metrics = run_knn_eval(
         net, fingerprint, train_data, val_data, out, ks=ks, temperature=temperature, n_per_class=n_per_class,
         n_tries=n_tries, image_size=image_size, batch_size=batch_size, use_cache=cache, shard=shard,
@@ -99,6 +104,7 @@ def knn_command(
 def linear_command(
     model: ModelOpt = None,
     weights: WeightsOpt = None,
+    random_init: RandomInitOpt = False,
     train_data: TrainDataOpt = "bundled:train",
     val_data: ValDataOpt = "bundled:val",
     out: OutOpt = Path("runs/eval_linear"),
@@ -114,7 +120,7 @@ def linear_command(
 
     Writes metrics.json (best head and every head) into --out and prints the folder.
     """
-    net, fingerprint = _backbone(model, weights, device)
+    net, fingerprint = _backbone(model, weights, random_init, device)
     metrics = run_linear_eval(
         net, fingerprint, train_data, val_data, out, lrs=lrs, epochs=epochs, head_batch_size=head_batch_size,
         image_size=image_size, batch_size=batch_size, device=device, use_cache=cache,
@@ -127,6 +133,7 @@ def linear_command(
 def logreg_command(
     model: ModelOpt = None,
     weights: WeightsOpt = None,
+    random_init: RandomInitOpt = False,
     train_data: TrainDataOpt = "bundled:train",
     val_data: ValDataOpt = "bundled:val",
     out: OutOpt = Path("runs/eval_logreg"),
@@ -141,7 +148,7 @@ def logreg_command(
 
     Writes metrics.json into --out and prints the folder.
     """
-    net, fingerprint = _backbone(model, weights, device)
+    net, fingerprint = _backbone(model, weights, random_init, device)
     metrics = run_logreg_eval(
         net, fingerprint, train_data, val_data, out, n_c=n_c, max_iter=max_iter, image_size=image_size,
         batch_size=batch_size, use_cache=cache,
@@ -154,6 +161,7 @@ def logreg_command(
 def retrieval_command(
     model: ModelOpt = None,
     weights: WeightsOpt = None,
+    random_init: RandomInitOpt = False,
     gnd: Path | None = typer.Option(None, "--gnd", help="Ground-truth JSON (query, db, gnd; see docs)."),
     images: Path | None = typer.Option(None, "--images", help="Root folder of the --gnd image paths."),
     data: str = typer.Option("bundled:val", "--data", help="Labelled images for generic retrieval (no --gnd)."),
@@ -170,11 +178,11 @@ def retrieval_command(
     opts = dict(image_size=image_size, batch_size=batch_size, use_cache=cache)
     if gnd is not None:
         gt, path_lists = ground_truth_images(gnd, images)  # checked before the backbone is loaded
-        net, fingerprint = _backbone(model, weights, device)
+        net, fingerprint = _backbone(model, weights, random_init, device)
         metrics = run_revisitop_eval(net, fingerprint, gt, path_lists, out, **opts)
         line = "  ".join(f"{k} mAP {v:.2f}" for k, v in metrics["mAP"].items())
     else:
-        net, fingerprint = _backbone(model, weights, device)
+        net, fingerprint = _backbone(model, weights, random_init, device)
         metrics = run_labelled_retrieval_eval(net, fingerprint, data, out, **opts)
         line = "  ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float))
     print(line)
@@ -188,6 +196,7 @@ def seg_command(
     out: OutOpt = Path("runs/eval_seg"),
     model: ModelOpt = None,
     weights: WeightsOpt = None,
+    random_init: RandomInitOpt = False,
     num_classes: Annotated[
         int | None,
         typer.Option("--num-classes", min=1, help="Classes (default: 1 + largest id in train masks)."),
@@ -212,7 +221,7 @@ def seg_command(
     Layout: DIR/images/<stem>.jpg|png and DIR/masks/<stem>.png (pixel = class id, 255 = ignore).
     Writes metrics.json, head.pt and predictions.png (a few val images) into --out.
     """
-    backbone, fingerprint = _backbone(model, weights, device, fingerprint=cache)
+    backbone, fingerprint = _backbone(model, weights, random_init, device, fingerprint=cache)
     result = run_seg_eval(
         backbone,
         train_data,
@@ -239,6 +248,7 @@ def depth_command(
     out: OutOpt = Path("runs/eval_depth"),
     model: ModelOpt = None,
     weights: WeightsOpt = None,
+    random_init: RandomInitOpt = False,
     layers: Annotated[int, typer.Option("--layers", help="1 = lin.1 (last block), 4 = lin.4 (four blocks).")] = 1,
     size: Annotated[int, typer.Option("--size", min=1, help="Square side the images are resized to.")] = 448,
     n_bins: Annotated[int, typer.Option("--bins", min=2, help="Depth bins (paper: 256).")] = 256,
@@ -257,7 +267,7 @@ def depth_command(
     depth 0 = invalid.
     Writes metrics.json, head.pt and predictions.png (a few val images) into --out.
     """
-    backbone, fingerprint = _backbone(model, weights, device, fingerprint=cache)
+    backbone, fingerprint = _backbone(model, weights, random_init, device, fingerprint=cache)
     result = run_depth_eval(
         backbone, train_data, val_data, out, layers=layers, size=size, n_bins=n_bins, min_depth=min_depth,
         max_depth=max_depth, norm_strategy=norm_strategy, epochs=epochs, lr=lr, batch_size=batch_size,
@@ -273,6 +283,7 @@ def video_command(
     out: OutOpt = Path("runs/eval_video"),
     model: ModelOpt = None,
     weights: WeightsOpt = None,
+    random_init: RandomInitOpt = False,
     frames: Annotated[int, typer.Option("--frames", "-t", min=1, help="Frames sampled per clip (uniform).")] = 8,
     image_size: Annotated[int, typer.Option("--image-size", min=1, help="Centre-crop side in px.")] = 224,
     ks: Annotated[list[int], typer.Option("--k", help="k-NN neighbours (repeat the option).")] = [10, 20],  # noqa: B006
@@ -286,7 +297,7 @@ def video_command(
     Layout: DIR/<class>/<clip>/*.jpg (frame folders) or DIR/<class>/<clip>.mp4 (needs PyAV).
     Writes metrics.json into --out.
     """
-    backbone, fingerprint = _backbone(model, weights, device, fingerprint=cache)
+    backbone, fingerprint = _backbone(model, weights, random_init, device, fingerprint=cache)
     result = run_video_eval(backbone, train_data, val_data, out, frames=frames, image_size=image_size, ks=ks,
                             n_c=n_c, batch_size=batch_size, device=resolve_device(device),
                             fingerprint=fingerprint)  # fmt: skip

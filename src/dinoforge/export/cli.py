@@ -8,7 +8,7 @@ from typing import Annotated
 import torch
 import typer
 
-from dinoforge.cli_common import DeviceOpt, ModelOpt, OutOpt, WeightsOpt, load_model_from_opts
+from dinoforge.cli_common import DeviceOpt, ModelOpt, OutOpt, RandomInitOpt, WeightsOpt, load_model_from_opts
 from dinoforge.utils import write_json
 
 app = typer.Typer(help="Export a backbone to ONNX, a Hugging Face folder or a timm state dict.", no_args_is_help=True)
@@ -25,6 +25,7 @@ def onnx_command(
     out: OutOpt,
     model: ModelOpt = None,
     weights: WeightsOpt = None,
+    random_init: RandomInitOpt = False,
     device: DeviceOpt = "cpu",
     img_size: Annotated[int, typer.Option(help="Example side used for tracing (H, W stay dynamic).")] = 224,
     check: Annotated[bool, typer.Option(help="Compare onnxruntime with PyTorch on a random batch.")] = True,
@@ -36,7 +37,7 @@ def onnx_command(
     """
     from dinoforge.export.onnx import export_onnx
 
-    backbone = load_model_from_opts(model, weights, device)
+    backbone = load_model_from_opts(model, weights, device, random_init)
     path = export_onnx(backbone, out / "model.onnx", img_size=img_size)
     report: dict = {"format": "onnx", "file": path.name, "arch": backbone.arch}
     if check:
@@ -69,6 +70,7 @@ def hf_command(
     out: OutOpt,
     model: ModelOpt = None,
     weights: WeightsOpt = None,
+    random_init: RandomInitOpt = False,
 ) -> None:
     """Export to a Hugging Face folder (config.json + model.safetensors) for transformers' from_pretrained.
 
@@ -78,7 +80,7 @@ def hf_command(
     """
     from dinoforge.export.hf import export_hf
 
-    backbone = load_model_from_opts(model, weights, "cpu")
+    backbone = load_model_from_opts(model, weights, "cpu", random_init)
     export_hf(backbone, out)
     typer.echo(f"wrote {out}")
 
@@ -88,6 +90,7 @@ def timm_command(
     out: OutOpt,
     model: ModelOpt = None,
     weights: WeightsOpt = None,
+    random_init: RandomInitOpt = False,
     safetensors: Annotated[bool, typer.Option(help="Write model.safetensors instead of model.pth.")] = False,
 ) -> None:
     """Export to a timm state dict (OUT/model.pth) for timm's vit_*_patch14[_reg4]_dinov2 models.
@@ -96,7 +99,7 @@ def timm_command(
     """
     from dinoforge.export.timm import export_timm
 
-    backbone = load_model_from_opts(model, weights, "cpu")
+    backbone = load_model_from_opts(model, weights, "cpu", random_init)
     path = export_timm(backbone, out / ("model.safetensors" if safetensors else "model.pth"))
     a = backbone.arch
     write_json(

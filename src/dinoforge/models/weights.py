@@ -17,6 +17,7 @@ from torch import Tensor
 
 from dinoforge.models.formats.hf import hf_to_official, read_hf_folder
 from dinoforge.models.formats.timm import timm_to_official
+from dinoforge.models.hub import find_hub_weights
 from dinoforge.models.layers import swiglu_hidden_features
 from dinoforge.models.vision_transformer import ARCHS, DinoVisionTransformer, resize_pos_embed
 from dinoforge.utils import DinoforgeError, first_line, require_file
@@ -53,11 +54,16 @@ def load_backbone(
     name_or_path: str | Path,
     weights: str | Path | None = None,
     device: str | torch.device = "cpu",
+    *,
+    random_init: bool = False,
     **overrides: Any,
 ) -> DinoVisionTransformer:
-    """Build a backbone by hub name (random init unless `weights` is given) or from a weights file/folder.
+    """Build a backbone by hub name or from a weights file/folder.
 
-    A random init is seeded (seed 0, the global RNG left as it was), so every process and every run of a
+    A hub name (dinov2_vits14, ..._reg) without `weights` loads the released weights from where torch.hub or
+    Hugging Face already cached them (models/hub.py: find_hub_weights; nothing is downloaded), and is a one-line
+    error when neither cache has them. `random_init=True` (hub names only, no weights) asks for a random init
+    instead, for baselines: seeded (seed 0, the global RNG left as it was), so every process and every run of a
     random-init baseline, or of a curation embedding with one, gets the same weights.
 
     The architecture comes from the name, else from the `arch` stored with the weights, else it is
@@ -66,8 +72,16 @@ def load_backbone(
     518 px weights for 224 px training). Eval mode.
     """
     name = str(name_or_path)
+    if random_init and (weights is not None or name not in HUB_ARCHS):
+        given = weights if weights is not None else name
+        raise DinoforgeError(
+            f"a random init is built from a hub name ({', '.join(HUB_ARCHS)}) and takes no weights, "
+            f"got {given}: drop the weights or the random init"
+        )
     if name in HUB_ARCHS:
         arch = dict(HUB_ARCHS[name])
+        if weights is None and not random_init:
+            weights = find_hub_weights(name)
     else:
         if not Path(name).exists():
             if "/" in name or Path(name).suffix:
