@@ -152,6 +152,27 @@ class _PathDataset(Dataset):
         return str(self.paths[index])
 
 
+class CroppedPathDataset(_PathDataset):
+    """Images given by paths, each cropped to its box `[x1, y1, x2, y2]` (original-image pixels; None = the
+    whole image) before `transform`, as the revisited Oxford/Paris protocol crops its queries."""
+
+    def __init__(self, paths: Sequence[Path], boxes: Sequence[Sequence[float] | None], transform: Transform = None):
+        super().__init__(paths, [-1] * len(paths), transform)
+        self.boxes = list(boxes)
+        if len(self.boxes) != len(self.paths):
+            raise DinoforgeError(f"{len(self.boxes)} boxes for {len(self.paths)} images")
+
+    def __getitem__(self, index: int):
+        try:
+            img = load_item(self.paths[index], self.size)
+        except CorruptImageError:
+            return None
+        box = self.boxes[index]
+        if box is not None:
+            img = img.crop(tuple(box))
+        return (self.transform(img) if self.transform else img), -1, index
+
+
 class ImageFolderDataset(_PathDataset):
     """A recursive image folder. When the root holds only sub-folders, each sub-folder is a class
     (ImageNet/ImageFolder layout) and `.classes`/`.labels` are set; otherwise every label is -1.

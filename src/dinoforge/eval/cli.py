@@ -162,7 +162,9 @@ def retrieval_command(
     model: ModelOpt = None,
     weights: WeightsOpt = None,
     random_init: RandomInitOpt = False,
-    gnd: Path | None = typer.Option(None, "--gnd", help="Ground-truth JSON (query, db, gnd; see docs)."),
+    gnd: Path | None = typer.Option(
+        None, "--gnd", help="Ground truth: official gnd_roxford5k.pkl / gnd_rparis6k.pkl (query boxes) or JSON."
+    ),
     images: Path | None = typer.Option(None, "--images", help="Root folder of the --gnd image paths."),
     data: str = typer.Option("bundled:val", "--data", help="Labelled images for generic retrieval (no --gnd)."),
     out: OutOpt = Path("runs/eval_retrieval"),

@@ -112,16 +112,21 @@ def dataset_features(
     split: str = "train",
     data_id: str | None = None,
     classes: Sequence[str] | None = None,
+    boxes: Sequence[Sequence[float] | None] | None = None,
 ) -> dict[str, Any]:
     """Features of one data spec (bundled:train, folder, file list), from the cache when possible, plus the
     dataset's class names under "classes" (the label index) and the unreadable images' names under "skipped_names".
 
     The cache key uses `data_id` when given (else the resolved folder/file list), the class list, and the
-    path, size and modification time of every image, so edited or replaced images are embedded again."""
-    from dinoforge.data.datasets import build_dataset
+    path, size and modification time of every image, so edited or replaced images are embedded again.
+    `boxes` (one per listed image, None = whole image; a file list only) crop each image before the transform;
+    `data_id` must then identify the boxes too."""
+    from dinoforge.data.datasets import CroppedPathDataset, build_dataset
 
     transform, canvas = eval_transform_for(spec, image_size, int(getattr(net, "patch_size", 14)))
     dataset = build_dataset(spec, transform=transform, split=split, size=canvas or 32, classes=classes)
+    if boxes is not None:
+        dataset = CroppedPathDataset(dataset.paths, boxes, transform)
     if len(dataset) == 0:
         raise DinoforgeError(f"no images found in {spec}")
     source = getattr(dataset, "root", None) or getattr(dataset, "manifest", None)
@@ -188,9 +193,12 @@ def path_list_features(
     batch_size: int,
     image_size: int | None,
     use_cache: bool,
+    boxes: Sequence[Sequence[Sequence[float] | None] | None] | None = None,
 ) -> list[np.ndarray]:
     """Final CLS features (N × D) of a backbone for explicit image path lists (retrieval queries and
-    database); the lists are written as file lists into `out` and cached by content."""
+    database); the lists are written as file lists into `out` and cached by content. `boxes`, one entry per
+    list (None = no crops), crops that list's images to their `[x1, y1, x2, y2]` box (None = whole image)."""
+    boxes = list(boxes) if boxes is not None else [None] * len(path_lists)
     Path(out).mkdir(parents=True, exist_ok=True)
     specs = []
     for i, paths in enumerate(path_lists):
@@ -198,10 +206,15 @@ def path_list_features(
         manifest.write_text("".join(f"{Path(p).resolve()}\n" for p in paths))
         specs.append(str(manifest))
     result = []
-    for spec, paths in zip(specs, path_lists, strict=True):
-        # keyed by the listed paths, not the manifest location, so another --out still hits the cache
-        content = hashlib.sha256(Path(spec).read_bytes()).hexdigest()
-        feats = dataset_features(net, fingerprint, spec, batch_size, image_size, use_cache, data_id=f"paths:{content}")
+    for spec, paths, crops in zip(specs, path_lists, boxes, strict=True):
+        # keyed by the listed paths (and boxes), not the manifest location, so another --out still hits the cache
+        h = hashlib.sha256(Path(spec).read_bytes())
+        if crops is not None:
+            h.update(json.dumps([None if b is None else [float(x) for x in b] for b in crops]).encode())
+        data_id = f"paths:{h.hexdigest()}"
+        feats = dataset_features(
+            net, fingerprint, spec, batch_size, image_size, use_cache, data_id=data_id, boxes=crops
+        )
         if len(feats["indices"]) != len(paths):
             raise DinoforgeError(f"{len(paths) - len(feats['indices'])} unreadable image(s) in the retrieval set")
         result.append(feats["cls"][:, -1])

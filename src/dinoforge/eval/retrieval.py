@@ -1,10 +1,16 @@
 """Instance retrieval: revisited Oxford/Paris mAP (Easy/Medium/Hard) and generic retrieval on labelled images.
 
-Ground-truth file (JSON), the revisitop `gnd` data written as plain JSON::
+Ground truth: the official revisitop file (`gnd_roxford5k.pkl`, `gnd_rparis6k.pkl`), or the same data as
+plain JSON. The official pickle is a dict with `imlist` (database image names without extension), `qimlist`
+(query names) and `gnd` (per query: `bbx` [x1, y1, x2, y2] and `easy`/`hard`/`junk` database indices); its
+images are `<images>/<name>.jpg`. The JSON form::
 
     {"query": ["q0.jpg", ...],           # query image paths, relative to the images root
      "db":    ["d0.jpg", ...],           # database image paths, relative to the images root
-     "gnd":   [{"easy": [0, 5], "hard": [7], "junk": [2]}, ...]}   # per query: database indices
+     "gnd":   [{"easy": [0, 5], "hard": [7], "junk": [2], "bbx": [10, 20, 300, 400]}, ...]}
+
+Each query with a `bbx` (optional in JSON) is cropped to that box of the original image before the eval
+transform, as revisitop does (`img.crop(bbx)`); database images are not cropped.
 
 Protocols (Radenović et al., CVPR 2018): Easy ranks easy positives and ignores hard + junk; Medium ranks
 easy + hard positives and ignores junk; Hard ranks hard positives and ignores easy + junk. Ignored images
@@ -15,8 +21,11 @@ revisitop trapezoidal rule: sum over positives j (0-based, at rank r after remov
 
 from __future__ import annotations
 
+import math
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -103,35 +112,89 @@ def labelled_retrieval(feats: torch.Tensor, labels: torch.Tensor, ks: Sequence[i
     return res
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int | np.integer) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _as_list(x: Any) -> Any:
+    """numpy arrays (as the official pickles may hold) as lists; anything else unchanged."""
+    return x.tolist() if isinstance(x, np.ndarray) else x
+
+
+def _read_official_pickle(p: Path) -> dict:
+    """The revisitop `gnd_*.pkl` layout (imlist, qimlist, gnd) in this module's JSON form, names + `.jpg`."""
+    try:
+        with open(p, "rb") as f:
+            raw = pickle.load(f)  # the user's own file: pickle is for trusted files only
+    except Exception as e:  # any unpickling failure: one line naming the file
+        raise DinoforgeError(f"{p}: cannot read the ground-truth pickle: {type(e).__name__}: {e}") from None
+    if not isinstance(raw, dict):
+        raise DinoforgeError(f"{p}: the ground-truth pickle must hold a dict with imlist, qimlist, gnd")
+    for key in ("imlist", "qimlist", "gnd"):
+        if key not in raw:
+            raise DinoforgeError(f"{p}: missing key {key!r} (expected imlist, qimlist, gnd)")
+    names = {}
+    for key in ("imlist", "qimlist"):
+        value = _as_list(raw[key])
+        if not isinstance(value, list | tuple) or not all(isinstance(x, str) for x in value):
+            raise DinoforgeError(f"{p}: {key!r} must be a list of image names (strings)")
+        names[key] = [f"{x}.jpg" for x in value]
+    gnd = _as_list(raw["gnd"])
+    if isinstance(gnd, list | tuple):
+        gnd = [{k: _as_list(v) for k, v in g.items()} if isinstance(g, dict) else g for g in gnd]
+    return {"query": names["qimlist"], "db": names["imlist"], "gnd": gnd}
+
+
 def load_ground_truth(path: str | Path) -> dict:
-    """Read and check a ground-truth JSON in the format of this module's docstring; any defect is a one-line
-    DinoforgeError naming the file."""
+    """Read and check a ground truth, normalised to the JSON form of this module's docstring: the official
+    revisitop `.pkl` (read with `pickle`, which runs code from the file: use it for trusted files only, such as
+    the published gnd_roxford5k.pkl / gnd_rparis6k.pkl) or JSON. Any defect is a one-line DinoforgeError naming
+    the file and the problem."""
     p = require_file(path, "ground-truth file")
-    data = read_json(p, "ground-truth file")
-    if not isinstance(data, dict):
-        raise DinoforgeError(f"{path}: the ground truth must be a JSON object with query, db, gnd")
-    for key in ("query", "db", "gnd"):
-        if key not in data:
-            raise DinoforgeError(f"{path}: missing key {key!r} (expected query, db, gnd)")
+    if p.suffix.lower() in (".pkl", ".pickle"):
+        data = _read_official_pickle(p)
+    else:
+        data = read_json(p, "ground-truth file")
+        if not isinstance(data, dict):
+            raise DinoforgeError(f"{path}: the ground truth must be a JSON object with query, db, gnd")
+        for key in ("query", "db", "gnd"):
+            if key not in data:
+                raise DinoforgeError(f"{path}: missing key {key!r} (expected query, db, gnd)")
     for key in ("query", "db"):
         if not isinstance(data[key], list) or not all(isinstance(x, str) for x in data[key]):
             raise DinoforgeError(f"{path}: {key!r} must be a list of image paths (strings)")
-    if not isinstance(data["gnd"], list):
-        raise DinoforgeError(f"{path}: 'gnd' must be a list with one object per query")
+    if not isinstance(data["gnd"], list | tuple):
+        raise DinoforgeError(f"{path}: 'gnd' must be a list with one entry per query")
     if len(data["gnd"]) != len(data["query"]):
         raise DinoforgeError(f"{path}: {len(data['query'])} queries but {len(data['gnd'])} gnd entries")
     n_db = len(data["db"])
+    gnd = []
     for q, g in enumerate(data["gnd"]):
         if not isinstance(g, dict):
             raise DinoforgeError(f"{path}: gnd entry {q} must be an object with easy/hard/junk index lists")
+        entry: dict[str, Any] = {}
         for key in ("easy", "hard", "junk"):
             idx = g.get(key, [])
-            if not isinstance(idx, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in idx):
+            if not isinstance(idx, list | tuple) or not all(_is_int(i) for i in idx):
                 raise DinoforgeError(f"{path}: query {q} {key!r} must be a list of integer database indices")
-            bad = [i for i in idx if not 0 <= i < n_db]
+            bad = [int(i) for i in idx if not 0 <= i < n_db]
             if bad:
                 raise DinoforgeError(f"{path}: query {q} {key} indices out of range: {bad[:5]}")
-    return data
+            entry[key] = [int(i) for i in idx]
+        box = g.get("bbx")
+        if box is not None:
+            if not isinstance(box, list | tuple) or len(box) != 4 or not all(_is_number(x) for x in box):
+                raise DinoforgeError(f"{path}: query {q} 'bbx' must be 4 numbers [x1, y1, x2, y2], got {box!r}")
+            box = [float(x) for x in box]
+            if not (box[0] < box[2] and box[1] < box[3]):
+                raise DinoforgeError(f"{path}: query {q} 'bbx' {box} is empty (need x1 < x2 and y1 < y2)")
+            entry["bbx"] = box
+        gnd.append(entry)
+    return {"query": list(data["query"]), "db": list(data["db"]), "gnd": gnd}
 
 
 def ground_truth_images(gnd: Path, images: Path | None = None) -> tuple[dict, list[list[Path]]]:
@@ -158,8 +221,11 @@ def run_revisitop_eval(
     use_cache: bool = True,
 ) -> dict:
     """Easy/Medium/Hard mAP of a backbone's CLS features on a ground truth and its (query, database) image
-    paths (`ground_truth_images`); writes metrics.json into `out` and returns the metrics."""
-    q, db = path_list_features(net, fingerprint, path_lists, out, batch_size, image_size, use_cache)
+    paths (`ground_truth_images`), each query cropped to its `bbx` when it has one; writes metrics.json into
+    `out` and returns the metrics."""
+    query_boxes = [g.get("bbx") for g in gt["gnd"]]
+    boxes = [query_boxes if any(b is not None for b in query_boxes) else None, None]
+    q, db = path_list_features(net, fingerprint, path_lists, out, batch_size, image_size, use_cache, boxes)
     metrics = revisitop_map(rank_database(torch.from_numpy(q), torch.from_numpy(db)), gt["gnd"])
     summary = {k: v["mAP"] for k, v in metrics.items()}
     metrics = {"protocols": metrics, "mAP": summary, "n_queries": len(gt["query"]), "n_db": len(gt["db"])}
