@@ -9,10 +9,11 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, RandomInitOpt, WeightsOpt, load_model_from_opts
+from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, RandomInitOpt, WeightsOpt
 from dinoforge.curate.cli import app as curate_app
 from dinoforge.eval.cli import app as eval_app
 from dinoforge.export.cli import app as export_app
+from dinoforge.models.weights import load_model
 from dinoforge.train.cli import OverridesArg, distill_command, train_command
 from dinoforge.utils import DinoforgeError
 from dinoforge.viz.cli import app as viz_app
@@ -67,7 +68,7 @@ def embed_command(
     from dinoforge.eval.features import save_embeddings
     from dinoforge.models.hub import weights_source
 
-    net = load_model_from_opts(model, weights, device, random_init)
+    net = load_model(model, weights, device, random_init)
     meta = save_embeddings(
         net,
         data,

@@ -211,14 +211,9 @@ def embedder(
             raise DinoforgeError("the pixel descriptor has no random init: drop --random-init/random_init")
         size = (PIXEL_IMAGE_SIZE, PIXEL_IMAGE_SIZE)
         return ThumbnailDescriptor(), transforms.Compose([transforms.Resize(size), normalize_transform()])
-    from dinoforge.models.weights import load_backbone
-    from dinoforge.utils import resolve_device
+    from dinoforge.models.weights import load_model
 
-    if model is None and weights is None:
-        raise DinoforgeError("give --model NAME and/or --weights PATH")
-    device = str(resolve_device(device))
-    net = load_backbone(model or str(weights), weights=weights, device=device, random_init=random_init).eval()
-    return net, eval_transform(BACKBONE_RESIZE, BACKBONE_CROP)
+    return load_model(model, weights, device, random_init), eval_transform(BACKBONE_RESIZE, BACKBONE_CROP)
 
 
 def embed_images(

@@ -9,7 +9,7 @@ from typing import Annotated
 import torch
 import typer
 
-from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, RandomInitOpt, WeightsOpt, load_model_from_opts
+from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, RandomInitOpt, WeightsOpt
 from dinoforge.data.datasets import report_skipped
 from dinoforge.eval.depth import run_depth_eval
 from dinoforge.eval.features import model_fingerprint
@@ -20,6 +20,7 @@ from dinoforge.eval.retrieval import ground_truth_images, run_labelled_retrieval
 from dinoforge.eval.segmentation import run_seg_eval
 from dinoforge.eval.video import run_video_eval
 from dinoforge.models.hub import weights_source
+from dinoforge.models.weights import load_model
 from dinoforge.utils import DinoforgeError, resolve_device
 
 TrainDataOpt = Annotated[
@@ -46,7 +47,7 @@ def _backbone(
 ) -> tuple[torch.nn.Module, str | None]:
     """The backbone of --model/--weights/--random-init on --device, and its cache fingerprint (when asked): that of
     its weights file (for a hub name, the cached file it was loaded from), else of its state dict."""
-    net = load_model_from_opts(model, weights, device, random_init)
+    net = load_model(model, weights, device, random_init)
     if not fingerprint:
         return net, None
     return net, model_fingerprint(net, weights_source(model, weights, random_init))

@@ -8,7 +8,8 @@ from typing import Annotated
 import torch
 import typer
 
-from dinoforge.cli_common import DeviceOpt, ModelOpt, OutOpt, RandomInitOpt, WeightsOpt, load_model_from_opts
+from dinoforge.cli_common import DeviceOpt, ModelOpt, OutOpt, RandomInitOpt, WeightsOpt
+from dinoforge.models.weights import load_model
 from dinoforge.utils import write_json
 
 app = typer.Typer(help="Export a backbone to ONNX, a Hugging Face folder or a timm state dict.", no_args_is_help=True)
@@ -37,7 +38,7 @@ def onnx_command(
     """
     from dinoforge.export.onnx import export_onnx
 
-    backbone = load_model_from_opts(model, weights, device, random_init)
+    backbone = load_model(model, weights, device, random_init)
     path = export_onnx(backbone, out / "model.onnx", img_size=img_size)
     report: dict = {"format": "onnx", "file": path.name, "arch": backbone.arch}
     if check:
@@ -80,7 +81,7 @@ def hf_command(
     """
     from dinoforge.export.hf import export_hf
 
-    backbone = load_model_from_opts(model, weights, "cpu", random_init)
+    backbone = load_model(model, weights, "cpu", random_init)
     export_hf(backbone, out)
     typer.echo(f"wrote {out}")
 
@@ -99,7 +100,7 @@ def timm_command(
     """
     from dinoforge.export.timm import export_timm
 
-    backbone = load_model_from_opts(model, weights, "cpu", random_init)
+    backbone = load_model(model, weights, "cpu", random_init)
     path = export_timm(backbone, out / ("model.safetensors" if safetensors else "model.pth"))
     a = backbone.arch
     write_json(

@@ -20,7 +20,7 @@ from dinoforge.models.formats.timm import timm_to_official
 from dinoforge.models.hub import find_hub_weights
 from dinoforge.models.layers import swiglu_hidden_features
 from dinoforge.models.vision_transformer import ARCHS, DinoVisionTransformer, resize_pos_embed
-from dinoforge.utils import DinoforgeError, first_line, require_file
+from dinoforge.utils import DinoforgeError, first_line, require_file, resolve_device
 
 # released hub models: letter of the name -> size in ARCHS, and the FFN each size was released with
 _HUB_SIZES = {
@@ -48,6 +48,17 @@ def build_backbone(arch: dict[str, Any]) -> DinoVisionTransformer:
         return DinoVisionTransformer(**arch)
     except TypeError as e:
         raise DinoforgeError(f"bad backbone architecture {arch}: {e}") from None
+
+
+def load_model(
+    model: str | None, weights: str | Path | None = None, device: str = "auto", random_init: bool = False
+) -> DinoVisionTransformer:
+    """The backbone a `--model NAME|PATH` / `--weights PATH` / `--random-init` choice names (load_backbone), on
+    `device` ("auto": CUDA when present): what every command that takes a backbone, and curation, loads."""
+    if model is None and weights is None:
+        raise DinoforgeError("give --model NAME and/or --weights PATH")
+    device = str(resolve_device(device))
+    return load_backbone(model or str(weights), weights=weights, device=device, random_init=random_init)
 
 
 def load_backbone(

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from dinoforge.cli_common import DeviceOpt, ModelOpt, OutOpt, RandomInitOpt, WeightsOpt, load_model_from_opts
+from dinoforge.cli_common import DeviceOpt, ModelOpt, OutOpt, RandomInitOpt, WeightsOpt
+from dinoforge.models.weights import load_model
 
 app = typer.Typer(help="Figures: patch PCA, patch matching, attention maps.", no_args_is_help=True)
 
@@ -68,7 +69,7 @@ def pca_command(
     from dinoforge.viz.pca import compute_pca, draw_pca
 
     names, imgs = _load_images(images)
-    net = load_model_from_opts(model, weights, device, random_init)
+    net = load_model(model, weights, device, random_init)
     result = compute_pca(net, imgs, size, foreground, threshold)
     png = draw_pca(result, out / "pca.png", names)
     fg = [float(m.mean()) for m in result.masks] if result.masks is not None else None
@@ -114,7 +115,7 @@ def match_command(
         names, imgs = list(pair), list(pair.values())
     if len(imgs) != 2:
         raise DinoforgeError(f"viz match takes exactly two images, got {len(imgs)}")
-    net = load_model_from_opts(model, weights, device, random_init)
+    net = load_model(model, weights, device, random_init)
     m = compute_matches(net, imgs[0], imgs[1], size, foreground)
     png = draw_matches(m, out / "match.png", max_lines, (names[0], names[1]))
     write_json(
@@ -151,7 +152,7 @@ def attn_command(
     from dinoforge.viz.attention import attention_entropy, compute_attention, draw_attention
 
     names, imgs = _load_images(images)
-    net = load_model_from_opts(model, weights, device, random_init)
+    net = load_model(model, weights, device, random_init)
     results = compute_attention(net, imgs, size, block)
     png = draw_attention(results, out / "attention.png", names)
     entropy = {n: attention_entropy(maps).tolist() for n, (_, maps) in zip(names, results, strict=True)}
