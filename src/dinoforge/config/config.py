@@ -163,7 +163,7 @@ def nullable(kind: type) -> Rule:
         if value is None:
             return None
         if default is None:
-            ok = isinstance(value, kind) and not isinstance(value, bool)
+            ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
             return None if ok else f"{'an' if kind is int else 'a'} {kind.__name__} or null"
         return _type_problem(value, default)
 
@@ -185,7 +185,8 @@ def _struct(cfg: DictConfig) -> DictConfig:
 
 
 # Keys that take null besides a value of a fixed type: a null default means "use the preset" (embed_dim, depth,
-# num_heads); `student.layerscale: null` builds blocks without LayerScale.
+# num_heads); `student.layerscale: null` builds blocks without LayerScale; `train.sequence_packing: null` decides by
+# device.
 TRAINING = ConfigSchema(
     name="config",
     defaults=default_config,
@@ -196,6 +197,7 @@ TRAINING = ConfigSchema(
         "student.depth": nullable(int),
         "student.num_heads": nullable(int),
         "student.layerscale": nullable(float),
+        "train.sequence_packing": nullable(bool),
     },
 )
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinoforge.models.layers import Block, Mlp, PatchEmbed, SwiGLUFFNFused
+from dinoforge.models.layers.packing import PackedLayout
 from dinoforge.utils import DinoforgeError
 
 FFN_LAYERS = ("mlp", "swiglu", "swiglufused", "identity")
@@ -181,12 +182,21 @@ class DinoVisionTransformer(nn.Module):
         }
 
     def forward_features(
-        self, x: Tensor | list[Tensor], masks: Tensor | list[Tensor | None] | None = None
+        self,
+        x: Tensor | list[Tensor],
+        masks: Tensor | list[Tensor | None] | None = None,
+        packing: str | None = None,
     ) -> dict[str, Tensor | None] | list[dict[str, Tensor | None]]:
-        """Token features as a dict; a list of inputs (e.g. global and local crops) gives a list of dicts."""
+        """Token features as a dict; a list of inputs (e.g. global and local crops) gives a list of dicts.
+
+        `packing` ("njt" or "flex", see layers/packing.py) runs a list's crops through each block as one packed
+        sequence with attention kept inside each crop; None runs each input as its own batch.
+        """
         if isinstance(x, list):
             masks_list = masks if masks is not None else [None] * len(x)
             tokens = [self.prepare_tokens_with_masks(t, m) for t, m in zip(x, masks_list, strict=True)]
+            if packing is not None:
+                return self._forward_packed(tokens, masks_list, packing)
             for blk in self.blocks:
                 tokens = blk(tokens)
             return [self._outputs(t, m) for t, m in zip(tokens, masks_list, strict=True)]
@@ -194,6 +204,15 @@ class DinoVisionTransformer(nn.Module):
         for blk in self.blocks:
             tokens = blk(tokens)
         return self._outputs(tokens, masks)
+
+    def _forward_packed(
+        self, tokens: list[Tensor], masks: Sequence[Tensor | None], backend: str
+    ) -> list[dict[str, Tensor | None]]:
+        layout = PackedLayout([t.shape[:2] for t in tokens], backend, tokens[0].device)
+        x = layout.pack(tokens)
+        for blk in self.blocks:
+            x = blk(x, layout)
+        return [self._outputs(t, m) for t, m in zip(layout.unpack(x), masks, strict=True)]
 
     def _block_indices(self, n: int | Sequence[int]) -> list[int]:
         depth = len(self.blocks)

@@ -44,6 +44,17 @@ def backbone_kwargs(cfg: DictConfig) -> dict:
     return kw
 
 
+def packing_backend(sequence_packing: bool | None, device: torch.device) -> str | None:
+    """The student's sequence-packing backend for `train.sequence_packing` on `device`, None for per-crop batches.
+
+    Null decides by device: on for CUDA (varlen attention kernels), off on CPU, where packing measured slower
+    (README "Sequence packing"). The backend is "njt" everywhere: flex_attention has no backward on CPU and needs
+    torch.compile on CUDA.
+    """
+    on = device.type == "cuda" if sequence_packing is None else sequence_packing
+    return "njt" if on else None
+
+
 def _head(in_dim: int, c: DictConfig) -> DINOHead:
     return DINOHead(
         in_dim=in_dim,
@@ -185,8 +196,11 @@ class SSLMetaArch(nn.Module):
         mask_indices = batch["mask_indices_list"]
         dino_t, ibot_t, metrics = self._teacher_targets(batch, teacher_temp)
 
+        crops = [batch["collated_global_crops"], batch["collated_local_crops"]]
         s_global, s_local = self.student.backbone.forward_features(
-            [batch["collated_global_crops"], batch["collated_local_crops"]], [None if self.distill else masks, None]
+            crops,
+            [None if self.distill else masks, None],
+            packing=packing_backend(self.cfg.train.sequence_packing, crops[0].device),
         )
         s_global_cls = s_global["x_norm_clstoken"]
         s_patches = s_global["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dinoforge.models.layers.packing import PackedLayout
+
 
 class Attention(nn.Module):
     """Fused qkv projection, SDPA, output projection; official key names `qkv` and `proj`."""
@@ -24,7 +26,12 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return qkv[0], qkv[1], qkv[2]
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, layout: PackedLayout | None = None) -> Tensor:
+        """Attention over [B, T, D] tokens, or over packed [N, D] tokens within each crop of `layout`."""
+        if layout is not None:
+            n, d = x.shape
+            q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
+            return self.proj(layout.attention(q, k, v).reshape(n, d))
         b, n, d = x.shape
         q, k, v = self._qkv(x)
         out = F.scaled_dot_product_attention(q, k, v)

@@ -1,12 +1,16 @@
-"""Pre-norm transformer block with LayerScale and stochastic depth; accepts a tensor or a list of tensors."""
+"""Pre-norm transformer block with LayerScale and stochastic depth; accepts a tensor, a list of tensors, or packed
+tokens with their layout."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from torch import Tensor, nn
 
 from dinoforge.models.layers.attention import Attention
-from dinoforge.models.layers.drop_path import DropPath, drop_add_residual_stochastic_depth
+from dinoforge.models.layers.drop_path import DropPath, drop_add_residual_stochastic_depth, keep_scale, kept_samples
 from dinoforge.models.layers.layer_scale import LayerScale
+from dinoforge.models.layers.packing import PackedLayout
 
 
 class Block(nn.Module):
@@ -37,10 +41,10 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path)
         self.sample_drop_ratio = drop_path
 
-    def _attn_branch(self, x: Tensor) -> Tensor:
-        return self.ls1(self.attn(self.norm1(x)))
+    def _attn_branch(self, x: Tensor, layout: PackedLayout | None = None) -> Tensor:
+        return self.ls1(self.attn(self.norm1(x), layout))
 
-    def _ffn_branch(self, x: Tensor) -> Tensor:
+    def _ffn_branch(self, x: Tensor, layout: PackedLayout | None = None) -> Tensor:
         return self.ls2(self.mlp(self.norm2(x)))
 
     def _forward(self, x: Tensor) -> Tensor:
@@ -50,7 +54,43 @@ class Block(nn.Module):
         x = x + self.drop_path1(self._attn_branch(x))
         return x + self.drop_path2(self._ffn_branch(x))
 
-    def forward(self, x: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
+    def _forward_packed(self, x: Tensor, layout: PackedLayout) -> Tensor:
+        """The block on packed [N, D] tokens, with the per-crop path's random draws, drawn in its order (each
+        group's attention then FFN branch), so that both paths give the same result under the same seed."""
+        if not self.training or self.sample_drop_ratio <= 0:
+            x = x + self._attn_branch(x, layout)
+            return x + self._ffn_branch(x, layout)
+        r, efficient = self.sample_drop_ratio, self.sample_drop_ratio > 0.1
+        draws = [
+            tuple(kept_samples(b, r, x.device) if efficient else keep_scale(x, b, r) for _ in range(2))
+            for b, _ in layout.groups
+        ]
+        for i, branch in enumerate((self._attn_branch, self._ffn_branch)):
+            step = _subset_residual if efficient else _scaled_residual
+            x = step(x, layout, branch, [d[i] for d in draws])
+        return x
+
+    def forward(self, x: Tensor | list[Tensor], layout: PackedLayout | None = None) -> Tensor | list[Tensor]:
+        """One block over a [B, T, D] batch, a list of them (crops of different sizes), or packed [N, D] tokens."""
+        if layout is not None:
+            return self._forward_packed(x, layout)
         if isinstance(x, list):
             return [self._forward(t) for t in x]
         return self._forward(x)
+
+
+Branch = Callable[[Tensor, PackedLayout], Tensor]
+
+
+def _scaled_residual(x: Tensor, layout: PackedLayout, branch: Branch, scales: list[Tensor]) -> Tensor:
+    """DropPath on packed tokens: x + branch(x) times each crop's keep factor."""
+    return x + branch(x, layout) * layout.per_token(scales)
+
+
+def _subset_residual(x: Tensor, layout: PackedLayout, branch: Branch, kept: list[Tensor]) -> Tensor:
+    """Efficient stochastic depth on packed tokens: the branch on the kept crops only, added back scaled by
+    crops/kept of their group."""
+    rows, sub = layout.select(kept)
+    groups = zip(kept, layout.groups, strict=True)
+    scale = sub.per_token([x.new_full((len(i),), b / max(len(i), 1)) for i, (b, _) in groups])
+    return x.index_add(0, rows, branch(x[rows], sub).to(x.dtype) * scale)

@@ -8,13 +8,17 @@ import torch
 from torch import Tensor, nn
 
 
+def keep_scale(x: Tensor, n: int, drop_prob: float) -> Tensor:
+    """DropPath's random factor for `n` samples: 0 (dropped, probability `drop_prob`) or 1/keep, shape [n]."""
+    keep = 1.0 - drop_prob
+    return x.new_empty(n).bernoulli_(keep).div_(keep)
+
+
 def drop_path(x: Tensor, drop_prob: float, training: bool) -> Tensor:
     """Zero whole samples of a residual branch with probability `drop_prob`, rescaling the kept ones."""
     if drop_prob <= 0.0 or not training:
         return x
-    keep = 1.0 - drop_prob
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-    return x * mask.div_(keep)
+    return x * keep_scale(x, x.shape[0], drop_prob).view((x.shape[0],) + (1,) * (x.ndim - 1))
 
 
 class DropPath(nn.Module):
@@ -37,8 +41,12 @@ def drop_add_residual_stochastic_depth(x: Tensor, residual_fn: Callable[[Tensor]
     Same expectation as DropPath but skips the dropped samples' compute (worth it above ~10% drop).
     """
     b = x.shape[0]
-    kept = max(int(b * (1.0 - drop_ratio)), 1)
-    idx = torch.randperm(b, device=x.device)[:kept]
+    idx = kept_samples(b, drop_ratio, x.device)
     residual = residual_fn(x[idx])
-    out = torch.index_add(x.flatten(1), 0, idx, residual.flatten(1).to(x.dtype), alpha=b / kept)
+    out = torch.index_add(x.flatten(1), 0, idx, residual.flatten(1).to(x.dtype), alpha=b / max(len(idx), 1))
     return out.view_as(x)
+
+
+def kept_samples(b: int, drop_ratio: float, device: torch.device) -> Tensor:
+    """Random indices of the max(int(b·(1 − drop_ratio)), 1) samples whose residual branch is computed."""
+    return torch.randperm(b, device=device)[: max(int(b * (1.0 - drop_ratio)), 1)]
