@@ -121,7 +121,6 @@ TINY = [
     "student.layerscale=1.0",
     "crops.global_crops_size=16",
     "crops.local_crops_size=8",
-    "crops.local_crops_number=2",
     "dino.head_n_prototypes=64",
     "dino.head_hidden_dim=32",
     "dino.head_bottleneck_dim=16",
@@ -154,17 +153,18 @@ def _batch(cfg, n: int = 4) -> dict:
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("separate_head", [False, True])
-def test_training_step_is_the_same_packed_or_not(monkeypatch, separate_head):
+@pytest.mark.parametrize(("separate_head", "n_local"), [(False, 2), (True, 0)])
+def test_training_step_is_the_same_packed_or_not(monkeypatch, separate_head, n_local):
     """forward_backward's losses and the student's gradients agree ≤ 1e-5 with train.sequence_packing true or
-    false (drop path 0.2, a register, iBOT masks); the packed run does pack, and the DINO head takes every crop's
-    CLS (and, shared, the masked patches) in one call."""
+    false (drop path 0.2, a register, iBOT masks; no local crops too); the packed run does pack, and the DINO head
+    takes every crop's CLS (and, shared, the masked patches) in one call."""
     layouts = []
     real = packing_mod.PackedLayout.__init__
     monkeypatch.setattr(packing_mod.PackedLayout, "__init__", lambda s, *a, **k: layouts.append(1) or real(s, *a, **k))
-    results, batch = {}, _batch(load_config("demo", TINY))
+    extra = [f"ibot.separate_head={separate_head}", f"crops.local_crops_number={n_local}"]
+    results, batch = {}, _batch(load_config("demo", [*TINY, *extra]))
     for packed in (False, True):
-        cfg = load_config("demo", [*TINY, f"ibot.separate_head={separate_head}", f"train.sequence_packing={packed}"])
+        cfg = load_config("demo", [*TINY, *extra, f"train.sequence_packing={packed}"])
         torch.manual_seed(0)
         model = SSLMetaArch(cfg).train()
         calls = []
@@ -177,7 +177,7 @@ def test_training_step_is_the_same_packed_or_not(monkeypatch, separate_head):
         n_cls = 4 * (2 + cfg.crops.local_crops_number)
         assert calls == [n_cls if separate_head else n_cls + len(batch["mask_indices_list"])]
     (ref, ref_grads), (got, got_grads) = results[False], results[True]
-    assert set(got) == set(ref) and {"dino_local_crops_loss", "ibot_loss", "koleo_loss"} <= set(ref)
+    assert set(got) == set(ref) and {"dino_global_crops_loss", "ibot_loss", "koleo_loss"} <= set(ref)
     for k, v in ref.items():
         _assert_close(got[k], v)
     assert set(got_grads) == set(ref_grads)

@@ -51,7 +51,7 @@ class PackedLayout:
     def unpack(self, x: Tensor) -> list[Tensor]:
         """[N, D] -> [b, n, D] views per group."""
         parts = x.split([b * n for b, n in self.groups])
-        return [p.view(b, n, -1) for p, (b, n) in zip(parts, self.groups, strict=True)]
+        return [p.view(b, n, x.shape[-1]) for p, (b, n) in zip(parts, self.groups, strict=True)]
 
     def per_token(self, values: Sequence[Tensor]) -> Tensor:
         """One value per crop ([b] per group) repeated over the crop's tokens: [N, 1]."""
