@@ -28,7 +28,7 @@ from dinoforge.train.meta_arch import backbone_kwargs
 from dinoforge.utils import resolve_device
 
 # benchmark model -> (config preset, default batch); crops as in the preset (vits14/vitl14: 2x224 + 8x98)
-MODELS = {"demo": ("demo", 32), "vits14": ("vits14", 2), "vitl14": ("vitl14", 2)}
+MODELS = {"demo": ("demo", 16), "vits14": ("vits14", 2), "vitl14": ("vitl14", 2)}
 VARIANTS = {"per_crop": None, "njt": "njt", "flex": "flex"}
 
 
@@ -126,7 +126,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["demo", "vits14"], choices=list(MODELS))
     ap.add_argument("--batch", type=int, default=0, help="images per step (0: the model's default)")
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on CUDA")
