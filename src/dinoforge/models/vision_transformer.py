@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dinoforge.models.layers import Block, Mlp, PatchEmbed, SwiGLUFFNFused
-from dinoforge.models.layers.packing import PackedLayout
+from dinoforge.models.layers import Block, Mlp, PackedLayout, PatchEmbed, SwiGLUFFNFused
 from dinoforge.utils import DinoforgeError
 
 FFN_LAYERS = ("mlp", "swiglu", "swiglufused", "identity")

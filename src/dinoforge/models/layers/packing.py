@@ -3,8 +3,8 @@
 The packed tokens are one dense [N, D] tensor (groups of equal-length crops, one after the other, each crop's tokens
 contiguous), so norms, linears and MLPs run once over all crops; only attention needs the crop boundaries. Two
 block-diagonal attention backends: "njt" (nested jagged tensors through SDPA: varlen flash / memory-efficient kernels
-on CUDA, a per-crop math kernel on CPU) and "flex" (`flex_attention` with a block mask: compiled on CUDA; eager and
-forward-only on CPU, where torch has no flex backward).
+on CUDA; on CPU SDPA's math backend, which pads every crop to the longest) and "flex" (`flex_attention` with a block
+mask: compiled on CUDA; eager and forward-only on CPU, where torch has no flex backward).
 """
 
 from __future__ import annotations
