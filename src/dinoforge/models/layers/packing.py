@@ -73,6 +73,7 @@ class PackedLayout:
         """Softmax attention of [N, heads, head_dim] queries/keys/values, each crop attending to itself only."""
         if self.backend == "njt":
             bounds = dict(min_seqlen=min(self.lengths, default=0), max_seqlen=max(self.lengths, default=0))
+            # contiguous values: SDPA's only CPU backend for NJTs (math) needs them, else it finds no kernel
             q, k, v = (
                 torch.nested.nested_tensor_from_jagged(t.contiguous(), self.offsets, **bounds).transpose(1, 2)
                 for t in (q, k, v)
