@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from dinoforge.models.layers.attention import Attention
 from dinoforge.models.layers.drop_path import DropPath, drop_add_residual_stochastic_depth
@@ -14,7 +16,11 @@ class Block(nn.Module):
 
     Each branch has its own DropPath (the official code reuses the attention one for the MLP below
     rate 0.1). Above 0.1 in training the branch is computed on the kept subset of the batch only.
+    With `activation_checkpointing` set, a forward that records gradients keeps only the block's input and
+    recomputes the rest in backward (same random drop-path draws).
     """
+
+    activation_checkpointing: bool = False
 
     def __init__(
         self,
@@ -51,6 +57,11 @@ class Block(nn.Module):
         return x + self.drop_path2(self._ffn_branch(x))
 
     def forward(self, x: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._forward_any, x, use_reentrant=False)
+        return self._forward_any(x)
+
+    def _forward_any(self, x: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
         if isinstance(x, list):
             return [self._forward(t) for t in x]
         return self._forward(x)
