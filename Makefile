@@ -43,7 +43,7 @@ bench: install-test
 
 # The GPU check (benchmarks/gpu_check.py): --full on a CUDA device (one command, about 8 minutes), else --smoke.
 gpu-check: install-test
-	$(BIN)/pip install -q ".[bench]"
+	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:

@@ -55,7 +55,7 @@ PLAN: dict[str, dict[str, dict]] = {
     "smoke": {
         "parity": dict(budget=60, models=["tiny"], registers=[0, 4], batch=1, sizes=[(28, 28), (56, 56), (42, 70)]),
         "train_step": dict(budget=90, models=["demo"], steps=1, warmup=0, batch=4),
-        "variants": dict(budget=120, model="demo", steps=1, warmup=0, batch=4, compile="eager"),
+        "variants": dict(budget=120, model="demo", steps=1, warmup=0, batch=4, compile="eager", together=True),
         "real_run": dict(
             budget=90, preset="demo", steps=4, checkpoint=2, batch=4, images=16, image_size=32, workers=0,
             extra=["student.embed_dim=32", "student.depth=2", "student.num_heads=2", "dino.head_n_prototypes=64",
@@ -123,13 +123,13 @@ def _backbone(name: str, registers: int) -> torch.nn.Module:
     release's interpolation (antialiased, no offset). Tokens get visible random values."""
     from dinoforge.models import vision_transformer as vt
 
-    kw = dict(num_register_tokens=registers, interpolate_antialias=bool(registers))
+    kw = dict(num_register_tokens=registers, interpolate_antialias=bool(registers), init_values=1.0)
     kw["interpolate_offset"] = 0.0 if registers else 0.1
     torch.manual_seed(0)
     if name == "tiny":
         model = vt.DinoVisionTransformer(img_size=56, patch_size=14, embed_dim=64, depth=2, num_heads=4, **kw)
     else:
-        model = getattr(vt, name)(patch_size=14, img_size=518, init_values=1.0, block_chunks=0, **kw)
+        model = getattr(vt, name)(patch_size=14, img_size=518, block_chunks=0, **kw)
     with torch.no_grad():
         for p in (model.cls_token, model.register_tokens):
             if p is not None:
@@ -327,23 +327,29 @@ def run_variants(plan: dict, rec: Recorder, device: torch.device) -> None:
         ("activation_checkpointing", ["train.activation_checkpointing=true"], {}),
         (f"compile_{plan['compile']}", [], {"compile": plan["compile"]}),
     ]
-    base = None
-    for name, overrides, options in variants:
-        spec = ts.Spec(
+    specs = {
+        name: ts.Spec(
             "dinoforge", model, batch, plan["steps"], plan["warmup"], str(device), _threads(device), "auto", False,
             overrides, options,
-        )  # fmt: skip
-
+        )
+        for name, overrides, options in variants
+    }  # fmt: skip
+    if plan.get("together"):  # all workers at once: with tiny models, their start-up is the time
+        together = dict(zip(specs, ts.measure_pair(list(specs.values())), strict=True))
+    base = None
+    for name, spec in specs.items():
+        measure = (lambda name=name: together[name]) if plan.get("together") else partial(ts.measure_pair, [spec])
         got = rec.attempt(
-            {"variant": name, "model": model, "batch": batch, "overrides": overrides},
-            partial(_variant_of, ts, spec, base),
+            {"variant": name, "model": model, "batch": batch, "overrides": spec.overrides},
+            partial(_variant_of, measure, base),
         )
         if name == "default":
             base = got
 
 
-def _variant_of(ts, spec, base: dict | None) -> dict:
-    (r,) = ts.measure_pair([spec])
+def _variant_of(measure: Callable[[], dict | list[dict]], base: dict | None) -> dict:
+    r = measure()
+    r = r[0] if isinstance(r, list) else r
     out = {k: r[k] for k in ("img_per_s", "step_ms_median", "precision") if k in r}
     out["memory_mb"] = _memory(r)
     if base is not None:
