@@ -1,9 +1,10 @@
 """Peak memory and time of the DINO/iBOT soft cross-entropy over 65,536 and 131,072 prototypes: dinoforge's chunked
 `soft_cross_entropy` vs the unchunked formula −Σ t·log_softmax(s/T) (the official code's), forward + backward.
 
-Each measurement runs in a fresh spawned process: the logits [rows, K] (fp32 or bf16, requiring gradients) and the
-fp32 teacher probabilities are allocated first, then one forward + backward; `peak_mb` is the resident-set
-high-water mark above the inputs (`ru_maxrss`). Prints one JSON line per measurement and one ratio line
+Each measurement runs in a fresh spawned process at one thread: the logits [rows, K] (fp32 or bf16, requiring
+gradients) and the fp32 teacher probabilities are allocated first, the kernel's resident-set high-water mark is reset
+(Linux /proc/self/clear_refs), then one forward + backward; `peak_mb` is the high-water mark above the resident set
+before it (the gradient of the logits included). Prints one JSON line per measurement and one ratio line
 (chunked ÷ unchunked peak) per prototype count and dtype.
 
     python benchmarks/loss_memory.py                  # rows 2048, K 65536 and 131072, fp32 and bf16 logits
@@ -19,7 +20,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-from train_step import _rss_mb
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -29,18 +29,29 @@ def unchunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, temp: f
     return -(targets * F.log_softmax(logits.float() / temp, dim=-1)).sum(-1)
 
 
+def _status_mb(field: str) -> float:
+    """VmRSS / VmHWM of this process in MiB."""
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
 def _measure(impl: str, rows: int, k: int, dtype: str, conn) -> None:
     from dinoforge.losses.cross_entropy import soft_cross_entropy
 
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     logits = (3 * torch.randn(rows, k)).to(DTYPES[dtype]).requires_grad_()
     targets = torch.softmax(torch.randn(rows, k) / 0.05, dim=-1)
     fn = soft_cross_entropy if impl == "chunked" else unchunked_cross_entropy
-    before = _rss_mb()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # high-water mark := current resident set (drops the inputs' construction temporaries)
+    before = _status_mb("VmRSS")
     t0 = time.perf_counter()
     fn(logits, targets, 0.1).mean().backward()
     seconds = time.perf_counter() - t0
-    conn.send({"peak_mb": _rss_mb() - before, "seconds": seconds, "grad_norm": logits.grad.float().norm().item()})
+    peak = _status_mb("VmHWM") - before
+    conn.send({"peak_mb": peak, "seconds": seconds, "grad_norm": logits.grad.float().norm().item()})
 
 
 def measure(impl: str, rows: int, k: int, dtype: str) -> dict:
