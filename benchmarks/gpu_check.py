@@ -43,11 +43,11 @@ PARITY_TOL = 1e-4
 PLAN: dict[str, dict[str, dict]] = {
     "full": {
         "parity": dict(
-            budget=55, models=["vit_small", "vit_large"], registers=[0, 4], batch=2,
+            budget=70, models=["vit_small", "vit_large"], registers=[0, 4], batch=2,
             sizes=[(224, 224), (518, 518), (308, 434)],
         ),
         "train_step": dict(budget=170, models=["vits14_full", "vitb14_full", "vitl14_full"], steps=5, warmup=2),
-        "variants": dict(budget=150, model="vits14_full", steps=4, warmup=2, compile="inductor"),
+        "variants": dict(budget=140, model="vits14_full", steps=4, warmup=2, compile="inductor"),
         "real_run": dict(
             budget=95, preset="vits14", steps=200, checkpoint=100, batch=32, images=512, image_size=160, workers=10,
         ),
