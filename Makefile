@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 OFFICIAL := dinov2==0.0.1.dev2
 PYTEST_ARGS ?=
 
-.PHONY: install install-test demo test test-fast lint bench clean
+.PHONY: install install-test demo test test-fast lint bench gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ lint: install-test
 bench: install-test
 	$(BIN)/pip install -q ".[bench]"
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
+
+# The GPU check (benchmarks/gpu_check.py): --full on a CUDA device (one command, about 8 minutes), else --smoke.
+gpu-check: install-test
+	$(BIN)/pip install -q -e ".[bench]"
+	$(BIN)/python benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

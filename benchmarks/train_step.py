@@ -49,6 +49,10 @@ BENCH_MODELS: dict[str, tuple[str, int, list[str]]] = {
     # ViT-L/14 keeps its preset's stochastic depth (0.3, uniform), where dinoforge computes each residual branch
     # on the kept samples only and timm's DropPath computes it for all and zeroes the dropped ones.
     "vitl14": ("vitl14", 8, _REDUCED),
+    # the official crops (2x224 + 8x98) and 65,536 prototypes: the GPU check's presets, batch per 80 GB
+    "vits14_full": ("vits14", 128, ["train.centering=centering"]),
+    "vitb14_full": ("vitb14", 64, ["train.centering=centering"]),
+    "vitl14_full": ("vitl14", 32, ["train.centering=centering"]),
 }
 IMPLS = ("dinoforge", "lightly")
 
@@ -67,6 +71,8 @@ class Spec:
     precision: str
     import_lightly: bool
     overrides: list[str] = field(default_factory=list)
+    options: dict = field(default_factory=dict)  # DinoforgeStep keywords: compile, fsdp, fused
+    count_flops: bool = False  # count one extra step's FLOPs (torch.utils.flop_counter) before the timed ones
 
 
 def _config(spec: Spec):
@@ -116,16 +122,29 @@ def _batches(cfg, n: int, seed: int = 0) -> list[dict]:
 
 
 class DinoforgeStep:
-    """dinoforge's training step, as in train/loop.py: forward_backward, clip, AdamW, update_teacher."""
+    """dinoforge's training step, as in train/loop.py: forward_backward, clip, AdamW, update_teacher.
 
-    def __init__(self, cfg, device: torch.device):
-        from dinoforge.train.loop import build_optimizer  # the loop's own optimizer, so the benchmark follows it
+    Variants: `compile` (a torch.compile backend, e.g. "inductor") compiles every transformer block; `fsdp` shards
+    the model with FSDP2 in a one-process group as the loop does across processes (then AdamW is the for-each
+    one, as there); `fused=False` takes the for-each AdamW."""
+
+    def __init__(self, cfg, device: torch.device, compile: str | None = None, fsdp: bool = False, fused: bool = True):
+        from dinoforge.train.loop import build_optimizer, fsdp_param_dtype  # the loop's own pieces
         from dinoforge.train.meta_arch import SSLMetaArch
         from dinoforge.train.param_groups import apply_optim_scheduler
 
         self.cfg = cfg
         self.model = SSLMetaArch(cfg).to(device).train()
-        self.opt = build_optimizer(cfg, self.model)
+        if fsdp:
+            from dinoforge.train.distributed import fully_shard_model
+
+            _one_process_group(device)
+            fully_shard_model(self.model, fsdp_param_dtype(cfg, device))
+        if compile:
+            for side in (self.model.student, self.model.teacher):
+                for block in side.backbone.blocks:
+                    block.compile(backend=compile)
+        self.opt = build_optimizer(cfg, self.model, fused=fused and not fsdp)
         apply_optim_scheduler(self.opt, 1e-4, cfg.optim.weight_decay, 1e-4)
 
     def __call__(self, batch: dict, teacher_temp: float, momentum: float) -> None:
@@ -136,6 +155,21 @@ class DinoforgeStep:
                 torch.nn.utils.clip_grad_norm_(m.parameters(), self.cfg.optim.clip_grad)
         self.opt.step()
         self.model.update_teacher(momentum)
+
+
+def _one_process_group(device: torch.device) -> None:
+    """A process group of this process alone (NCCL on CUDA, gloo on CPU), for FSDP2 in one process."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
 class LightlyStep:
@@ -267,13 +301,21 @@ def _worker(spec: Spec, conn) -> None:
     torch.manual_seed(0)
     device = torch.device(spec.device)
     cfg = _config(spec)
-    step = (DinoforgeStep if spec.impl == "dinoforge" else LightlyStep)(cfg, device)
+    step = DinoforgeStep(cfg, device, **spec.options) if spec.impl == "dinoforge" else LightlyStep(cfg, device)
     batches = _batches(cfg, 2)
     if spec.impl == "lightly":
         batches = [step.prepare(b) for b in batches]
     batches = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()} for b in batches]
     amp = spec.precision == "bf16" or (spec.precision == "auto" and device.type == "cuda")
     cuda = device.type == "cuda"
+    flops = None
+    if spec.count_flops:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            with torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext():
+                step(batches[0], teacher_temp=0.07, momentum=0.992)
+        flops = counter.get_total_flops()
     conn.send("ready")
     i = 0
     while (msg := conn.recv()) != "done":
@@ -304,6 +346,8 @@ def _worker(spec: Spec, conn) -> None:
     }
     if cuda:
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if flops is not None:
+        result["flops_per_step"] = flops
     conn.send(result)
 
 
@@ -317,6 +361,7 @@ def measure_pair(specs: list[Spec]) -> list[dict]:
         proc.start()
         conns.append(parent)
         procs.append(proc)
+    finished = False
     try:
         for c in conns:
             c.recv()  # "ready"
@@ -346,10 +391,11 @@ def measure_pair(specs: list[Spec]) -> list[dict]:
                 cpu_s_per_step=sum(c for _, c in t) / n_steps,  # process CPU time, all threads
             )
             results.append(r)
+        finished = True
         return results
     finally:
-        for proc in procs:
-            proc.join(timeout=30)
+        for proc in procs:  # after a failure (e.g. one worker ran out of memory) the others are stopped at once
+            proc.join(timeout=30 if finished else 0)
             if proc.is_alive():
                 proc.kill()
 

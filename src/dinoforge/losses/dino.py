@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dinoforge.losses.centering import ema_center, sinkhorn_knopp, softmax_center
+from dinoforge.losses.cross_entropy import soft_cross_entropy
 
 
 class DINOLoss(nn.Module):
@@ -44,12 +44,14 @@ class DINOLoss(nn.Module):
         student_output_list: Sequence[torch.Tensor],
         teacher_out_softmaxed_centered_list: Sequence[torch.Tensor],
     ) -> torch.Tensor:
-        """Sum over all (student, teacher) pairs of the batch-mean cross-entropy; inputs are [B, K] each."""
+        """Sum over all (student, teacher) pairs of the batch-mean cross-entropy; inputs are [B, K] each.
+
+        The cross-entropy is linear in the target, so each student crop meets the sum of the teacher crops once
+        (fp32, chunked over rows: `soft_cross_entropy`)."""
+        targets = sum(t.float() for t in teacher_out_softmaxed_centered_list)
         total = torch.zeros((), device=student_output_list[0].device)
         for s in student_output_list:
-            log_p = F.log_softmax(s.float() / self.student_temp, dim=-1)
-            for t in teacher_out_softmaxed_centered_list:
-                total = total - (t * log_p).sum(dim=-1).mean()
+            total = total + soft_cross_entropy(s, targets, self.student_temp).mean()
         return total
 
     @torch.no_grad()

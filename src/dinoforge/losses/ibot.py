@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dinoforge.losses.centering import ema_center, sinkhorn_knopp, softmax_center
+from dinoforge.losses.cross_entropy import soft_cross_entropy
 
 
 class iBOTPatchLoss(nn.Module):  # noqa: N801 - official name, so configs and call sites map 1:1
@@ -43,8 +43,10 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 - official name, so configs and ca
         student_masks_flat: torch.Tensor,
     ) -> torch.Tensor:
         """Dense variant on [B, N, K] tokens: per-image mean over masked patches, then mean over images."""
-        log_p = F.log_softmax(student_patch_tokens.float() / self.student_temp, dim=-1)
-        ce = (teacher_patch_tokens * log_p).sum(-1)
+        k = student_patch_tokens.shape[-1]
+        ce = -soft_cross_entropy(
+            student_patch_tokens.reshape(-1, k), teacher_patch_tokens.reshape(-1, k), self.student_temp
+        ).view(student_patch_tokens.shape[:-1])
         masks = student_masks_flat.float()
         per_image = (ce * masks).sum(-1) / masks.sum(-1).clamp(min=1.0)
         return -per_image.mean()
@@ -62,15 +64,12 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 - official name, so configs and ca
         `student_masks_flat` is the [B, N] bool mask (gives B and, when `masks_weight` is None, the weights);
         `n_masked_patches` truncates padded rows beyond the real masked tokens.
         """
-        ce = (
-            teacher_patch_tokens_masked * F.log_softmax(student_patch_tokens_masked.float() / self.student_temp, dim=-1)
-        ).sum(-1)
+        rows = slice(n_masked_patches)  # all rows when None
+        ce = soft_cross_entropy(student_patch_tokens_masked[rows], teacher_patch_tokens_masked[rows], self.student_temp)
         if masks_weight is None:
             per_image = 1.0 / student_masks_flat.sum(-1).clamp(min=1.0)
             masks_weight = per_image.unsqueeze(-1).expand_as(student_masks_flat)[student_masks_flat]
-        if n_masked_patches is not None:
-            ce = ce[:n_masked_patches]
-        return -(ce * masks_weight).sum() / student_masks_flat.shape[0]
+        return (ce * masks_weight).sum() / student_masks_flat.shape[0]
 
     @torch.no_grad()
     def update_center(self, teacher_patch_tokens: torch.Tensor) -> None:

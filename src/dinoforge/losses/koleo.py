@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dinoforge.losses.cross_entropy import float32_region
+
 
 class KoLeoLoss(nn.Module):
     """Kozachenko-Leonenko entropy estimate (Sablayrolles et al. 2019): −mean_i log(‖x_i − x_nn(i)‖ + eps).
@@ -15,14 +17,15 @@ class KoLeoLoss(nn.Module):
     """
 
     def forward(self, student_output: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-        """student_output: [B, D] features of one crop set (not two views of the same images)."""
-        x = F.normalize(student_output.float(), p=2, dim=-1, eps=eps)
-        n = x.shape[0]
-        if n < 2:
-            return x.sum() * 0.0
-        with torch.no_grad():
-            dots = x @ x.t()
-            dots.fill_diagonal_(-2.0)  # below any cosine, so a sample is never its own neighbour
-            nn_index = dots.argmax(dim=1)
-        dist = F.pairwise_distance(x, x[nn_index], p=2, eps=eps)
-        return -torch.log(dist + eps).mean()
+        """student_output: [B, D] features of one crop set (not two views of the same images); fp32 under autocast
+        too, so that low-precision dot products cannot pick another nearest neighbour."""
+        with float32_region(student_output):
+            x = F.normalize(student_output.float(), p=2, dim=-1, eps=eps)
+            if x.shape[0] < 2:
+                return x.sum() * 0.0
+            with torch.no_grad():
+                dots = x @ x.t()
+                dots.fill_diagonal_(-2.0)  # below any cosine, so a sample is never its own neighbour
+                nn_index = dots.argmax(dim=1)
+            dist = F.pairwise_distance(x, x[nn_index], p=2, eps=eps)
+            return -torch.log(dist + eps).mean()

@@ -30,12 +30,28 @@ from dinoforge.train.recipe import resolve_recipe
 from dinoforge.train.schedules import build_schedulers, scaled_lr
 from dinoforge.utils import DinoforgeError, eprint, progress_enabled, write_json
 
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def _precision(cfg: DictConfig, key: str, auto: torch.dtype | None) -> torch.dtype | None:
+    """The low-precision dtype named by compute_precision.`key` (None: fp32), `auto` for "auto"."""
+    mode = cfg.compute_precision[key]
+    if mode == "auto":
+        return auto
+    if mode not in _DTYPES:
+        raise DinoforgeError(f"compute_precision.{key} must be auto, {', '.join(_DTYPES)}; got {mode!r}")
+    return _DTYPES[mode]
+
 
 def _autocast_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype | None:
-    mode = cfg.compute_precision.autocast
-    if mode == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[mode]
+    """Autocast dtype of the forward/backward: auto is bf16 on CUDA devices that support it, fp32 elsewhere."""
+    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return _precision(cfg, "autocast", torch.bfloat16 if bf16_ok else None)
+
+
+def fsdp_param_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype | None:
+    """FSDP2's parameter dtype in forward/backward (MixedPrecisionPolicy; master weights and reduction stay fp32)."""
+    return _precision(cfg, "fsdp_param_dtype", _autocast_dtype(cfg, device))
 
 
 def _build_loader(cfg: DictConfig, dataset: Dataset, start_iter: int, world: int, rank: int) -> DataLoader:
@@ -185,7 +201,7 @@ def train(
 
     sharded = world > 1 and cfg.train.distributed == "fsdp"
     if sharded:
-        fully_shard_model(model, _autocast_dtype(cfg, device))
+        fully_shard_model(model, fsdp_param_dtype(cfg, device))
     else:
         broadcast_module(model)
     optimizer = build_optimizer(cfg, model, fused=not sharded)  # after sharding: FSDP2 swaps the parameters

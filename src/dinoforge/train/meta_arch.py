@@ -81,6 +81,8 @@ class SSLMetaArch(nn.Module):
         student_backbone = DinoVisionTransformer(
             **self.arch, drop_path_rate=cfg.student.drop_path_rate, drop_path_uniform=cfg.student.drop_path_uniform
         )
+        for block in student_backbone.blocks:
+            block.activation_checkpointing = bool(cfg.train.activation_checkpointing)
         embed_dim = student_backbone.embed_dim
         self.do_dino = cfg.dino.loss_weight > 0
         self.do_koleo = cfg.dino.koleo_loss_weight > 0

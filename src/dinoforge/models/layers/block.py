@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from dinoforge.models.layers.attention import Attention
 from dinoforge.models.layers.drop_path import DropPath, drop_add_residual_stochastic_depth, keep_scale, kept_samples
@@ -18,7 +20,11 @@ class Block(nn.Module):
 
     Each branch has its own DropPath (the official code reuses the attention one for the MLP below
     rate 0.1). Above 0.1 in training the branch is computed on the kept subset of the batch only.
+    With `activation_checkpointing` set, a forward that records gradients keeps only the block's input and
+    recomputes the rest in backward (same random drop-path draws).
     """
+
+    activation_checkpointing: bool = False
 
     def __init__(
         self,
@@ -71,7 +77,13 @@ class Block(nn.Module):
         return x
 
     def forward(self, x: Tensor | list[Tensor], layout: PackedLayout | None = None) -> Tensor | list[Tensor]:
-        """One block over a [B, T, D] batch, a list of them (crops of different sizes), or packed [N, D] tokens."""
+        """One block over a [B, T, D] batch, a list of them (crops of different sizes), or packed [N, D] tokens;
+        with `activation_checkpointing` set, recomputed in backward instead of keeping its activations."""
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._forward_any, x, layout, use_reentrant=False)
+        return self._forward_any(x, layout)
+
+    def _forward_any(self, x: Tensor | list[Tensor], layout: PackedLayout | None) -> Tensor | list[Tensor]:
         if layout is not None:
             return self._forward_packed(x, layout)
         if isinstance(x, list):
