@@ -222,7 +222,7 @@ def finetune(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                losses.append(float(loss))
+                losses.append(loss.item())
             progress.update(f"loss {np.mean(losses[-20:]) if losses else float('nan'):.3f} lr {lr:.2e}")
             if (step + 1) % steps_per_epoch:
                 continue
