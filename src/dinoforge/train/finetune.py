@@ -153,6 +153,7 @@ def finetune(
     top-1 on the val data after each epoch; writes checkpoints/, metrics.json, backbone.safetensors (for
     load_backbone) and head.safetensors into `out`, and returns the metrics. `record` (what the backbone is) goes
     into metrics.json."""
+    t0 = time.perf_counter()
     say = (lambda *_: None) if quiet else eprint
     device = torch.device(device)
     out = Path(out)
@@ -205,7 +206,7 @@ def finetune(
     start_step = start_epoch * steps_per_epoch
     progress = Progress(total, start_step, enabled=not quiet and progress_enabled())
     amp = device.type == "cuda"
-    t0, losses = time.perf_counter(), []
+    losses: list[float] = []
     val_skipped: set = set()
     try:
         for step, (batch, bad) in zip(range(start_step, total), loader, strict=False):
@@ -257,6 +258,7 @@ def finetune(
         "backbone": str(out / "backbone.safetensors"),
         "head": str(out / "head.safetensors"),
         **skipped_summary(names),
+        "wall_time_s": time.perf_counter() - t0,  # of this process (a resumed run: since the resume)
     }
     write_json(out / "metrics.json", metrics)
     return metrics
