@@ -204,7 +204,8 @@ def test_command_errors_are_one_line(tmp_path, monkeypatch, capsys):
 def test_finetuning_the_demo_teacher_beats_its_linear_probe(tmp_path, monkeypatch):
     """The issue's claim on the bundled data: a demo teacher (the demo preset, 20 steps of 64 on 1280 images), then
     the linear probe on its frozen features and fine-tuning, both on the same 2000 train images (bundled:train/0..1999)
-    → the 2000 bundled val images at 32 px. Measured (README, Fine-tuning): linear XX.X, fine-tuned YY.Y."""
+    → the first 1000 val images, at 24 px (the teacher's crop size), 5 epochs. Measured (README, Fine-tuning): linear
+    38.30, fine-tuned 47.20; 118 s in all on 2 cores."""
     from dinoforge.config.config import load_config
     from dinoforge.eval.linear import run_linear_eval
     from dinoforge.train.loop import train
@@ -218,10 +219,10 @@ def test_finetuning_the_demo_teacher_beats_its_linear_probe(tmp_path, monkeypatc
         quiet=True,
     )["teacher"]
     train_list = bundled_list(tmp_path / "train.txt", "train", range(2000))
-    val_list = bundled_list(tmp_path / "val.txt", "val", range(2000))
+    val_list = bundled_list(tmp_path / "val.txt", "val", range(1000))
     net = load_backbone(teacher)
-    linear = run_linear_eval(net, "demo-teacher", train_list, val_list, tmp_path / "linear", image_size=32)
-    settings = ft.FinetuneSettings(epochs=4, batch_size=64, image_size=32)
+    linear = run_linear_eval(net, "demo-teacher", train_list, val_list, tmp_path / "linear", image_size=24)
+    settings = ft.FinetuneSettings(epochs=5, batch_size=64, lr=2e-3, min_scale=0.5, image_size=24)
     tuned = ft.finetune(
         load_backbone(teacher, drop_path_rate=0.1), train_list, val_list, tmp_path / "ft", settings, quiet=True
     )
