@@ -14,7 +14,7 @@ from dinoforge.curate.cli import app as curate_app
 from dinoforge.eval.cli import app as eval_app
 from dinoforge.export.cli import app as export_app
 from dinoforge.models.weights import load_model
-from dinoforge.train.cli import OverridesArg, distill_command, train_command
+from dinoforge.train.cli import OverridesArg, distill_command, finetune_command, train_command
 from dinoforge.utils import DinoforgeError
 from dinoforge.viz.cli import app as viz_app
 
@@ -93,6 +93,7 @@ app = typer.Typer(
 app.command("demo")(demo_command)
 app.command("train", context_settings={"allow_extra_args": True})(train_command)
 app.command("distill", context_settings={"allow_extra_args": True})(distill_command)
+app.command("finetune")(finetune_command)
 app.command("embed")(embed_command)
 app.add_typer(eval_app, name="eval")
 app.add_typer(viz_app, name="viz")

@@ -1,8 +1,12 @@
-"""Eval transforms: the official resize/centre-crop recipe and an aspect-keeping, patch-aligned variant."""
+"""Eval transforms (the official resize/centre-crop recipe, an aspect-keeping patch-aligned variant, the one per data
+spec that every evaluation uses) and the fine-tuning train transform."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +70,35 @@ class PatchAlignedResize:
 def eval_transform_size(size: int, patch_size: int = 14, mode: str = "crop") -> PatchAlignedResize:
     """Aspect-keeping eval transform: shorter side → `size`, then crop (or pad) to patch multiples."""
     return PatchAlignedResize(size, patch_size, mode)
+
+
+def eval_side(spec: str, image_size: int | None, patch_size: int) -> tuple[int, bool]:
+    """(side in px, is the bundled set) of the evaluations' images for a data spec: the bundled set's canvas (native
+    32 px or `image_size`) rounded up to the patch, else the centre crop (`image_size` or 224) rounded down to it."""
+    if spec.split(":")[0] in ("bundled", "bundled-full") and not Path(spec).exists():
+        return math.ceil((image_size or 32) / patch_size) * patch_size, True
+    return max(patch_size, (image_size or 224) // patch_size * patch_size), False
+
+
+def eval_transform_for(spec: str, image_size: int | None, patch_size: int) -> tuple[Any, int]:
+    """(transform, bundled canvas size or 0) for a data spec: the bundled set drawn at its `eval_side` canvas, other
+    data with the official resize (side * 256/224) + centre crop to `eval_side`."""
+    side, bundled = eval_side(spec, image_size, patch_size)
+    if bundled:
+        return normalize_transform(), side
+    return eval_transform(resize=round(side * 256 / 224), crop=side), 0
+
+
+def finetune_transform(size: int, min_scale: float = 0.08) -> transforms.Compose:
+    """Fine-tuning augmentation: a random resized crop (area `min_scale`..1 of the image, aspect 3/4..4/3, bicubic) to
+    `size` px, a horizontal flip half the time, then the ImageNet normalisation."""
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(size, scale=(min_scale, 1.0), interpolation=InterpolationMode.BICUBIC),
+            transforms.RandomHorizontalFlip(),
+            normalize_transform(),
+        ]
+    )
 
 
 def denormalize(x: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dinoforge.data.transforms import eval_transform_for
 from dinoforge.features import extract_features
 from dinoforge.utils import DinoforgeError, files_under, write_json
 
@@ -76,17 +77,6 @@ def cached(
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     return feats
-
-
-def eval_transform_for(spec: str, image_size: int | None, patch_size: int) -> tuple[Any, int]:
-    """(transform, bundled canvas size) for a data spec: the bundled set at its native size rounded up to
-    the patch, other data with the official resize (side * 256/224) + centre crop (a patch multiple)."""
-    from dinoforge.data.transforms import eval_transform, normalize_transform
-
-    if spec.split(":")[0] in ("bundled", "bundled-full") and not Path(spec).exists():
-        return normalize_transform(), math.ceil((image_size or 32) / patch_size) * patch_size
-    crop = max(patch_size, (image_size or 224) // patch_size * patch_size)
-    return eval_transform(resize=round(crop * 256 / 224), crop=crop), 0
 
 
 def _files_hash(paths) -> str:

@@ -51,14 +51,19 @@ def build_backbone(arch: dict[str, Any]) -> DinoVisionTransformer:
 
 
 def load_model(
-    model: str | None, weights: str | Path | None = None, device: str = "auto", random_init: bool = False
+    model: str | None,
+    weights: str | Path | None = None,
+    device: str = "auto",
+    random_init: bool = False,
+    **overrides: Any,
 ) -> DinoVisionTransformer:
-    """The backbone a `--model NAME|PATH` / `--weights PATH` / `--random-init` choice names (load_backbone), on
-    `device` ("auto": CUDA when present): what every command that takes a backbone, and curation, loads."""
+    """The backbone a `--model NAME|PATH` / `--weights PATH` / `--random-init` choice names (load_backbone, with its
+    architecture `overrides`), on `device` ("auto": CUDA when present): what every command that takes a backbone,
+    and curation, loads."""
     if model is None and weights is None:
         raise DinoforgeError("give --model NAME and/or --weights PATH")
     device = str(resolve_device(device))
-    return load_backbone(model or str(weights), weights=weights, device=device, random_init=random_init)
+    return load_backbone(model or str(weights), weights=weights, device=device, random_init=random_init, **overrides)
 
 
 def load_backbone(

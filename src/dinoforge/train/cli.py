@@ -1,4 +1,4 @@
-"""`dinoforge train | distill`."""
+"""`dinoforge train | distill | finetune`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, RandomInitOpt, WeightsOpt
 from dinoforge.config.config import PRESETS
 
 if TYPE_CHECKING:
@@ -105,3 +106,86 @@ def distill_command(
         typer.echo(f"results in {output_dir}")
         report_skipped(summary)
     dist_utils.shutdown()
+
+
+def finetune_command(
+    out: OutOpt = Path("runs/finetune"),
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    random_init: RandomInitOpt = False,
+    train_data: Annotated[
+        str,
+        typer.Option("--train-data", help="Labelled train images: bundled:train, a class-folder tree or a file list."),
+    ] = "bundled:train",
+    val_data: Annotated[
+        str, typer.Option("--val-data", help="Labelled val images, same forms; labels follow the train class names.")
+    ] = "bundled:val",
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the train images.")] = 10,
+    batch_size: BatchOpt = 64,
+    lr: Annotated[float, typer.Option("--lr", min=0.0, help="Peak AdamW learning rate (head and last block).")] = 5e-4,
+    min_lr: Annotated[float, typer.Option("--min-lr", min=0.0, help="Learning rate at the end of the cosine.")] = 1e-6,
+    warmup_epochs: Annotated[int, typer.Option("--warmup-epochs", min=0, help="Linear lr warm-up from 0.")] = 1,
+    weight_decay: Annotated[
+        float, typer.Option("--weight-decay", min=0.0, help="AdamW weight decay (none on biases, norms, LayerScale).")
+    ] = 0.05,
+    layer_decay: Annotated[
+        float,
+        typer.Option("--layer-decay", min=0.0, max=1.0, help="Layer-wise lr decay: block i gets lr × d^(depth − i)."),
+    ] = 0.75,
+    drop_path: Annotated[
+        float, typer.Option("--drop-path", min=0.0, max=1.0, help="Stochastic depth (the backbone's drop_path_rate).")
+    ] = 0.1,
+    min_scale: Annotated[
+        float,
+        typer.Option("--min-scale", min=0.0, max=1.0, help="Smallest area of the random resized crop (0.08..1)."),
+    ] = 0.08,
+    features: Annotated[
+        str, typer.Option("--features", help="Head input: cls, or cls+avgpool (CLS ⊕ mean patch token).")
+    ] = "cls+avgpool",
+    image_size: Annotated[
+        int | None,
+        typer.Option(
+            "--image-size",
+            min=1,
+            help="Side in px, as in `eval`: train crops and val centre crop (folders, default 224), canvas for the "
+            "bundled set (default its native 32 px, rounded to the patch).",
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the head init, data order, crops and drop path.")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")] = False,
+    num_workers: Annotated[int, typer.Option("--num-workers", min=0, help="Data-loading processes.")] = 0,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Fine-tune a whole backbone with a linear head on labelled images: AdamW, layer-wise lr decay, cosine lr with
+    warm-up, drop path, random resized crop + flip; top-1 on the val images after every epoch.
+
+    Writes metrics.json, checkpoints/ (every epoch; --resume continues exactly), backbone.safetensors (a weights
+    file for every command: --weights, load_backbone) and head.safetensors into --out.
+    """
+    from dinoforge.data.datasets import report_skipped
+    from dinoforge.models.hub import weights_source
+    from dinoforge.models.weights import load_model
+    from dinoforge.train.finetune import FEATURES, FinetuneSettings, finetune
+    from dinoforge.utils import DinoforgeError
+
+    if features not in FEATURES:
+        raise DinoforgeError(f"--features must be {' or '.join(FEATURES)}, got {features!r}")
+    if min_scale <= 0:
+        raise DinoforgeError(f"--min-scale must be in (0, 1], got {min_scale}")
+    if warmup_epochs > epochs:
+        raise DinoforgeError(f"--warmup-epochs {warmup_epochs} is more than --epochs {epochs}")
+    settings = FinetuneSettings(
+        epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs,
+        weight_decay=weight_decay, layer_decay=layer_decay, min_scale=min_scale, features=features,
+        image_size=image_size, seed=seed,
+    )  # fmt: skip
+    net = load_model(model, weights, device, random_init, drop_path_rate=drop_path)
+    record = {"model": model, "weights": weights_source(model, weights, random_init), "random_init": random_init}
+    device_used = next(net.parameters()).device
+    metrics = finetune(
+        net, train_data, val_data, out, settings, device=device_used, resume=resume, num_workers=num_workers,
+        record=record,
+    )  # fmt: skip
+    typer.echo(f"fine-tuned top1 {metrics['top1']:.2f} after {epochs} epochs")
+    typer.echo(f"results in {out}")
+    report_skipped(metrics)

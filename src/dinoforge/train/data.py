@@ -73,10 +73,11 @@ class SeededAugment(Dataset):
     worker-independent.
 
     Items of the base dataset are (image, label, index) or None for a corrupt image, passed on as (None, index).
+    With `labelled` (fine-tuning), items come out as (transformed image, label, index), and (None, -1, index).
     """
 
-    def __init__(self, base: Dataset, transform: Callable):
-        self.base, self.transform = base, transform
+    def __init__(self, base: Dataset, transform: Callable, labelled: bool = False):
+        self.base, self.transform, self.labelled = base, transform, labelled
 
     def __len__(self) -> int:
         return len(self.base)
@@ -85,9 +86,10 @@ class SeededAugment(Dataset):
         index, seed = key
         item = self.base[index]
         if item is None:
-            return None, index
+            return (None, -1, index) if self.labelled else (None, index)
         seed_everything(seed)
-        return self.transform(item[0]), seed
+        image = self.transform(item[0])
+        return (image, item[1], index) if self.labelled else (image, seed)
 
 
 class SeededCollate:
