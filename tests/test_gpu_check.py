@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -25,6 +27,7 @@ def _numbers(obj: object, where: str = ""):
             yield from _numbers(v, f"{where}[{i}]")
 
 
+@pytest.mark.slow  # about 65 s on 2 cores: a dozen processes, each importing torch
 def test_gpu_check_smoke_writes_every_section(tmp_path):
     out = tmp_path / "gpu.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "DINOFORGE_NO_PROGRESS": "1"}
