@@ -137,7 +137,7 @@ def test_distillation_loss_matches_hand_computation(tmp_path, centering, separat
 
 
 def test_student_has_no_stochastic_depth(tmp_path):
-    """§5 removes stochastic depth: a student configured with drop-path 0.3 gives the same output twice in train mode."""
+    """§5 removes stochastic depth: a student set to drop-path 0.3 gives the same output twice in train mode."""
     _, path = teacher_checkpoint(tmp_path, separate=True)
     model = distill_model(path, "sinkhorn_knopp", "student.drop_path_rate=0.3")
     x = torch.randn(4, 3, 16, 16)
