@@ -35,7 +35,7 @@ def write_teacher(path: Path, depth: int, width: int) -> Path:
     from dinoforge.train.meta_arch import SSLMetaArch
 
     preset, _, overrides = BENCH_MODELS[STUDENT]
-    heads = max(1, width // 32)
+    heads = width // 32
     cfg = load_config(
         preset, [*overrides, f"student.depth={depth}", f"student.embed_dim={width}", f"student.num_heads={heads}"]
     )
@@ -58,8 +58,8 @@ def main(
     """Benchmark a distillation step against an SSL step of the same student; prints JSON lines and the ratio."""
     if steps < 1 or warmup < 0 or batch < 2:
         raise DinoforgeError("--steps must be >= 1, --warmup >= 0 and --batch >= 2")
-    if teacher_width % max(1, teacher_width // 32):
-        raise DinoforgeError("--teacher-width must be a multiple of 32")
+    if teacher_width < 32 or teacher_width % 32:
+        raise DinoforgeError("--teacher-width must be a positive multiple of 32 (heads of 32 dims)")
     dev = str(resolve_device(device))
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = write_teacher(Path(tmp) / "teacher.pth", teacher_depth, teacher_width)
@@ -69,7 +69,7 @@ def main(
             for extra in ([], distill)
         ]
         ssl, dist = measure_pair(specs)
-    teacher = f"embed{teacher_width} depth{teacher_depth} heads{max(1, teacher_width // 32)}"
+    teacher = f"embed{teacher_width} depth{teacher_depth} heads{teacher_width // 32}"
     ssl.update(step="ssl", teacher=f"EMA of the student ({ssl['arch']})")
     dist.update(step="distillation", teacher=f"frozen {teacher}")
     for r in (ssl, dist):
