@@ -3,8 +3,8 @@ student, against the same student trained from scratch with SSL for the same ste
 
 Stages (each a dinoforge command; a stage whose output exists is reused, so an interrupted run continues):
   teacher    dinoforge train -c demo --data bundled student.depth=8 optim.epochs=3   (234 steps)
-  distilled  dinoforge distill -t <teacher's last checkpoint> -c demo --data bundled  (156 steps)
-  scratch    dinoforge train -c demo --data bundled                                   (156 steps)
+  distilled  dinoforge distill -t <teacher's last checkpoint> -c demo --data bundled optim.epochs=1  (78 steps)
+  scratch    dinoforge train -c demo --data bundled optim.epochs=1                                   (78 steps)
 then `dinoforge eval knn --k 20` (cosine 20-NN, T 0.07, CLS, bundled train → val) on each exported backbone.
 Prints a Markdown table and writes results.json into --out.
 
@@ -63,7 +63,9 @@ def main() -> None:
     ap.add_argument(
         "--teacher-set", nargs="*", default=["student.depth=8", "optim.epochs=3"], help="teacher config overrides"
     )
-    ap.add_argument("--student-set", nargs="*", default=[], help="overrides for both student runs (same for both)")
+    ap.add_argument(
+        "--student-set", nargs="*", default=["optim.epochs=1"], help="overrides of both student runs (same for both)"
+    )
     ap.add_argument("--k", type=int, default=20, help="neighbours of the k-NN evaluation")
     ap.add_argument("--lock", type=Path, default=None, help="flock this file around each training/evaluation")
     args = ap.parse_args()
