@@ -23,7 +23,7 @@ def teacher_checkpoint(tmp_path, separate: bool):
             "student.num_heads=3",
             "student.layerscale=1.0",
             f"ibot.separate_head={separate}",
-        )  # fmt: skip
+        )
     )
     with torch.no_grad():
         for p in big.teacher.parameters():
@@ -173,8 +173,8 @@ def test_optimizer_step_moves_student_and_its_ema_not_the_teacher(tmp_path):
     for k, v in reference.state_dict().items():
         assert torch.equal(model.teacher.state_dict()[k], v), k
 
-    exported = load_backbone(str(export_teacher(model.state_dict(), model.arch, tmp_path / "out.safetensors",
-                                                model.export_prefix)))  # fmt: skip
+    path = export_teacher(model.state_dict(), model.arch, tmp_path / "out.safetensors", model.export_prefix)
+    exported = load_backbone(str(path))
     ema_backbone = model.student_ema.backbone.state_dict()
     assert exported.embed_dim == model.student.backbone.embed_dim
     for k, v in exported.state_dict().items():
