@@ -5,8 +5,8 @@ Stages (each a dinoforge command; a stage whose output exists is reused, so an i
   teacher    dinoforge train -c demo --data bundled student.depth=8 optim.epochs=3   (234 steps)
   distilled  dinoforge distill -t <teacher's last checkpoint> -c demo --data bundled optim.epochs=1  (78 steps)
   scratch    dinoforge train -c demo --data bundled optim.epochs=1                                   (78 steps)
-then `dinoforge eval knn --k 20 --image-size 24` (cosine 20-NN, T 0.07, CLS, bundled train → val, at the training
-crop size) on each exported backbone, and the demo's k-NN on CLS ⊕ mean patch token (same k, T, size).
+then `dinoforge eval knn --k 20` (cosine 20-NN, T 0.07, CLS, bundled train → val, at its default 32 px canvas)
+on each exported backbone.
 Prints a Markdown table and writes results.json into --out.
 
 Usage: python scripts/distill_experiment.py [--out runs/distill_exp] [--lock /tmp/heavy.lock]
@@ -58,17 +58,6 @@ def run_stage(folder: Path, done: Path, cmd: list[str], lock: Path | None) -> fl
     return wall
 
 
-def demo_knn(weights: Path, cache: Path, k: int, size: int, lock: Path | None) -> float:
-    """The demo's k-NN top-1 (%) on CLS ⊕ mean patch token at the training crop size (kept in `cache`)."""
-    if not cache.exists():
-        from dinoforge.eval.knn import backbone_knn_top1
-        from dinoforge.models.weights import load_backbone
-
-        with held(lock):
-            cache.write_text(json.dumps(backbone_knn_top1(load_backbone(str(weights)), k=k, image_size=size)))
-    return json.loads(cache.read_text())["cls+avgpool"]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/distill_exp"), help="folder of the three runs")
@@ -107,32 +96,32 @@ def main() -> None:
     rows = []
     for name in ("teacher", "distilled", "scratch"):
         folder = out / name
-        cfg = OmegaConf.load(folder / "config.yaml")
-        size = str(cfg.crops.global_crops_size)  # the demo's evaluation resolution: the training crop size
-        knn_dir = folder / f"knn{size}"
+        knn_dir = folder / "knn"
         weights = folder / "teacher_backbone.safetensors"
-        knn = [*dino, "eval", "knn", "-w", str(weights), "-o", str(knn_dir), "--k", str(args.k), "--image-size", size]
-        run_stage(knn_dir, knn_dir / "metrics.json", knn, args.lock)
+        run_stage(
+            knn_dir,
+            knn_dir / "metrics.json",
+            [*dino, "eval", "knn", "-w", str(weights), "-o", str(knn_dir), "--k", str(args.k)],
+            args.lock,
+        )
         metrics = json.loads((knn_dir / "metrics.json").read_text())
         summary = json.loads((folder / "train_summary.json").read_text())
+        s = OmegaConf.load(folder / "config.yaml").student
         rows.append(
             {
                 "model": name,
-                "arch": f"embed {cfg.student.embed_dim}, depth {cfg.student.depth}",
+                "arch": f"embed {s.embed_dim}, depth {s.depth}",
                 "steps": summary["iterations"],
                 "wall_s": walls[name],
                 "top1": metrics["full"][f"k={args.k}"]["top1"],
-                "top1_cls_patch": demo_knn(weights, folder / "knn_cls_patch.json", args.k, int(size), args.lock),
             }
         )
-    head = ["model", "architecture", "steps", "train wall (s)", f"{args.k}-NN top-1, CLS (`eval knn`)", "of teacher"]
-    head += ["CLS ⊕ mean patch (demo's)", "of teacher"]
+    teacher_top1 = rows[0]["top1"]
+    head = ["model", "architecture", "steps", "train wall (s)", f"k-NN top-1 (cosine {args.k}-NN, CLS)", "of teacher"]
     print("| " + " | ".join(head) + " |\n" + "|---" * len(head) + "|")
     for r in rows:
-        r["of_teacher"] = r["top1"] / rows[0]["top1"]
-        r["of_teacher_cls_patch"] = r["top1_cls_patch"] / rows[0]["top1_cls_patch"]
+        r["of_teacher"] = r["top1"] / teacher_top1
         cells = [r["model"], r["arch"], r["steps"], f"{r['wall_s']:.0f}", f"{r['top1']:.2f}", f"{r['of_teacher']:.1%}"]
-        cells += [f"{r['top1_cls_patch']:.2f}", f"{r['of_teacher_cls_patch']:.1%}"]
         print("| " + " | ".join(map(str, cells)) + " |")
     (out / "results.json").write_text(json.dumps({"rows": rows, "argv": sys.argv[1:]}, indent=1))
 
