@@ -89,8 +89,9 @@ def distill_command(
     ] = False,
     overrides: OverridesArg = None,
 ) -> None:
-    """Distil a frozen larger teacher into the student of --config (DINOv2 §5): same losses and crops, no masking,
-    iBOT on all patches, and a spare EMA of the student exported as the result (teacher_backbone.safetensors)."""
+    """Distil a frozen larger teacher into the student of --config (DINOv2 §5): same losses and crops, no masking and
+    no stochastic depth in the student, iBOT on all patches of the global crops, and a spare EMA of the student
+    exported as the result (teacher_backbone.safetensors)."""
     from dinoforge import distributed as dist_utils
     from dinoforge.config.config import load_config
     from dinoforge.data.datasets import report_skipped

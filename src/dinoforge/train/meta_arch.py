@@ -69,8 +69,8 @@ class SSLMetaArch(nn.Module):
     """DINOv2 student (backbone + heads, trained) and teacher (no gradients).
 
     Pretraining: the teacher is the student's EMA. Distillation (`distillation.enabled`, DINOv2 §5): the teacher is a
-    frozen larger model with its heads, the student sees no masks, iBOT runs on every patch of the global crops,
-    and a spare EMA of the student (`student_ema`) is the model that gets exported.
+    frozen larger model with its heads, the student sees no masks and has no stochastic depth, iBOT runs on every
+    patch of the global crops, and a spare EMA of the student (`student_ema`) is the model that gets exported.
     """
 
     def __init__(self, cfg: DictConfig):
@@ -78,8 +78,9 @@ class SSLMetaArch(nn.Module):
         self.cfg = cfg
         self.arch = backbone_kwargs(cfg)
         self.distill = bool(cfg.distillation.enabled)
+        drop_path_rate = 0.0 if self.distill else cfg.student.drop_path_rate  # §5 removes stochastic depth
         student_backbone = DinoVisionTransformer(
-            **self.arch, drop_path_rate=cfg.student.drop_path_rate, drop_path_uniform=cfg.student.drop_path_uniform
+            **self.arch, drop_path_rate=drop_path_rate, drop_path_uniform=cfg.student.drop_path_uniform
         )
         for block in student_backbone.blocks:
             block.activation_checkpointing = bool(cfg.train.activation_checkpointing)
