@@ -88,13 +88,13 @@ def check_crop_size(ckpt: dict, cfg: DictConfig, path: Path) -> int:
     if trained is None or trained == asked:
         return asked
     if len(crop_phases(cfg)) == 1 and len(crop_phases(saved)) == 1:
-        fix = f"crops.global_crops_size={trained}"
+        what, fix = f"was trained with crops.global_crops_size={trained}", f"crops.global_crops_size={trained}"
     else:
-        fix = f"the checkpoint's crops and crops.highres (it trained at {trained} px in iteration {it})"
+        what, fix = f"trained at {trained} px global crops", "the checkpoint's crops and crops.highres settings"
     raise DinoforgeError(
-        f"cannot resume {path}: it was trained with crops.global_crops_size={trained}, the config asks for "
-        f"{asked} at its iteration {it}; resume with {fix}, or start a new run (another -o) "
-        f"from it with student.pretrained_weights={path} (position embedding resized, heads kept)"
+        f"cannot resume {path}: it {what}, the config asks for {asked} at its iteration {it}; resume with {fix}, "
+        f"or start a new run (another -o) from it with student.pretrained_weights={path} (position embedding "
+        "resized, heads kept)"
     )
 
 
