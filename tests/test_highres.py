@@ -154,7 +154,7 @@ def test_highres_presets_load_and_resolve(name):
         (["crops.highres.iterations=-1"], "must be between 1 and 7"),
         (["crops.highres.global_crops_size=12"], "crops.highres.global_crops_size=12 must be larger than"),
         (["crops.highres.global_crops_size=16"], "must be larger than crops.global_crops_size=16"),
-        (["crops.highres.global_crops_size=26"], "crops.highres crop sizes (26, 12) must be multiples of"),
+        (["crops.highres.global_crops_size=26"], "local_crops_size (26, 12) must be multiples of student.patch_size 4"),
         (["crops.highres.local_crops_size=4"], "crops.highres.local_crops_size=4 must be between"),
         (["crops.highres.iterations=abc"], "crops.highres.iterations"),
     ],

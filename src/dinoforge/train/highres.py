@@ -73,8 +73,8 @@ def check_crop_phases(cfg: DictConfig) -> list[CropPhase]:
     for phase, where in zip(phases, ("crops", "crops.highres"), strict=False):
         if phase.global_size % p or phase.local_size % p:
             raise DinoforgeError(
-                f"{where} crop sizes ({phase.global_size}, {phase.local_size}) must be multiples of "
-                f"student.patch_size {p}"
+                f"{where}.global_crops_size and local_crops_size ({phase.global_size}, {phase.local_size}) must be "
+                f"multiples of student.patch_size {p}"
             )
     return phases
 
