@@ -166,26 +166,3 @@ def test_bad_highres_settings_are_one_line_errors(tmp_path, monkeypatch, capsys,
     assert_one_line_error(run_main(monkeypatch, capsys, *args), needle)
     assert not (tmp_path / "checkpoints").exists()
 
-
-@pytest.mark.slow
-def test_adapted_model_beats_the_base_resolution_model_at_high_resolution(tmp_path):
-    """The §4 ablation in small: the demo at 24 px, and the same run with its last 8 of 40 steps at 32 px; k-NN at
-    32 px is better for the adapted model (deterministic given the seeds; measured figures in the README)."""
-    from test_continue_pretrained import _bundled_manifest
-
-    from dinoforge.eval.knn import backbone_knn_top1
-    from dinoforge.models.weights import load_backbone
-
-    data = _bundled_manifest(tmp_path / "train.txt", "train", range(2560))
-    knn = dict(
-        train_spec=_bundled_manifest(tmp_path / "knn_train.txt", "train", range(5000, 8000)),
-        val_spec=_bundled_manifest(tmp_path / "knn_val.txt", "val", range(1000)),
-        image_size=32,
-    )
-    short = ["train.batch_size_per_gpu=64", "optim.epochs=1", "evaluation.eval_period_iterations=0"]  # 40 steps
-    adapt = ["crops.highres.iterations=8", "crops.highres.global_crops_size=32", "crops.highres.local_crops_size=16"]
-    top1 = {}
-    for name, extra in (("base", []), ("adapted", adapt)):
-        summary = loop.train(load_config("demo", short + extra), tmp_path / name, data, quiet=True)
-        top1[name] = backbone_knn_top1(load_backbone(summary["teacher"]), **knn)["cls+avgpool"]
-    assert top1["adapted"] > top1["base"], top1
