@@ -165,4 +165,3 @@ def test_bad_highres_settings_are_one_line_errors(tmp_path, monkeypatch, capsys,
     args = ["train", "-o", str(tmp_path), *TINY, *(f"{k}={v}" for k, v in hr.items())]
     assert_one_line_error(run_main(monkeypatch, capsys, *args), needle)
     assert not (tmp_path / "checkpoints").exists()
-
