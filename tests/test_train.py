@@ -235,22 +235,29 @@ def test_train_writes_outputs_and_resume_is_exact(tmp_path, monkeypatch, one_thr
     assert [int(r["iteration"]) for r in ref] == list(range(8))
     assert all(math.isfinite(float(r["total_loss"])) for r in ref)
 
-    # crash right after the checkpoint of iteration 3, then resume
+    part = tmp_path / "part"
+    interrupted_then_resumed(cfg, part, monkeypatch, crash_at=3)
+    assert_same_run(full, part)
+
+
+def interrupted_then_resumed(cfg, out: Path, monkeypatch, crash_at: int) -> None:
+    """Train `cfg()` into `out`, interrupted right after the checkpoint of iteration `crash_at`, then resumed with
+    --resume to the end."""
+    from dinoforge.train import loop
+
     real = loop.save_training_state
 
     def crash_after(cfg, model, optimizer, it, *a, **k):
         path = real(cfg, model, optimizer, it, *a, **k)
-        if it == 3:
+        if it == crash_at:
             raise KeyboardInterrupt
         return path
 
-    part = tmp_path / "part"
     monkeypatch.setattr(loop, "save_training_state", crash_after)
     with pytest.raises(KeyboardInterrupt):
-        loop.train(cfg(), part, data="bundled:train", quiet=True)
+        loop.train(cfg(), out, data="bundled:train", quiet=True)
     monkeypatch.setattr(loop, "save_training_state", real)
-    loop.train(cfg(), part, data="bundled:train", resume=True, quiet=True)
-    assert_same_run(full, part)
+    loop.train(cfg(), out, data="bundled:train", resume=True, quiet=True)
 
 
 def test_nan_loss_stops_naming_step_and_checkpoint(tmp_path, monkeypatch):

@@ -139,6 +139,11 @@ KILL_RUN = [  # 24 steps, a checkpoint every 3 (iterations 2, 5, ..., 23)
     "train.checkpoint_period_iterations=3",
     "evaluation.eval_period_iterations=0",
 ]
+KILL_HIGHRES = [  # the last 12 of those steps at 24/12 px crops instead of 16/8
+    "crops.highres.iterations=12",
+    "crops.highres.global_crops_size=24",
+    "crops.highres.local_crops_size=12",
+]
 
 # Run in the child before the CLI: the checkpoint of iteration KILL_IN_WRITE is written half, then the process
 # waits, its temp file open, for the SIGKILL (a marker file says when).
@@ -186,19 +191,21 @@ def _logged_iterations(out: Path) -> int:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_checkpoint_and_mid_run_then_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("extra", [[], KILL_HIGHRES], ids=["one_size", "highres"])
+def test_sigkill_mid_checkpoint_and_mid_run_then_resume_is_bit_identical(tmp_path, extra):
     """One uninterrupted run; another killed (SIGKILL) while writing its checkpoint of iteration 5, resumed and killed
     again at a random iteration, then given an unreadable newest checkpoint and resumed to the end: same metrics.csv
-    and teacher, bit for bit; no checkpoint is ever left half-written."""
+    and teacher, bit for bit; no checkpoint is ever left half-written. With crops.highres the random kill lands
+    before or after the switch to larger crops at iteration 12."""
     train = ["train", "-c", "demo", "--data", "bundled:train"]
     ref, part = tmp_path / "ref", tmp_path / "part"
-    r = run_cli(*train, "-o", str(ref), *KILL_RUN, timeout=300)
+    r = run_cli(*train, "-o", str(ref), *KILL_RUN, *extra, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     ckpts = part / "checkpoints"
 
     # 1. killed in the middle of writing the checkpoint of iteration 5
     marker = tmp_path / "writing"
-    args = [*train, "-o", str(part), *KILL_RUN]
+    args = [*train, "-o", str(part), *KILL_RUN, *extra]
     cmd = [sys.executable, "-c", HALF_WRITE, str(marker), "5", *args]
     proc = subprocess.Popen(cmd, env=CLI_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _kill_when(proc, marker.exists, "the checkpoint write of iteration 5")

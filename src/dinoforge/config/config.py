@@ -18,7 +18,7 @@ from omegaconf.errors import (
 
 from dinoforge.utils import DinoforgeError, first_line, parse_overrides, read_yaml, unknown_keys_error
 
-PRESETS = ("demo", "vits14", "vitb14", "vitl14", "vitl16_short", "vitg14")
+PRESETS = ("demo", "vits14", "vitb14", "vitl14", "vitl16_short", "vitg14", "vitl14_highres", "vitg14_highres")
 
 
 def _package_yaml(name: str) -> DictConfig:

@@ -137,6 +137,18 @@ class DinoVisionTransformer(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
+    @torch.no_grad()
+    def set_img_size(self, img_size: int) -> None:
+        """Rebuild for `img_size` in place: the position embedding is resized once (`resize_pos_embed`, as the
+        forward would at that size) into the same Parameter object, so an optimizer keeps tracking it."""
+        side = img_size // self.patch_size
+        pos = self.pos_embed
+        pos.data = resize_pos_embed(pos, (side, side), self.interpolate_offset, self.interpolate_antialias).to(pos)
+        pos.grad = None
+        pe = self.patch_embed
+        pe.img_size, pe.grid_size, pe.num_patches = (img_size, img_size), (side, side), side * side
+        self.arch["img_size"] = img_size
+
     def interpolate_pos_encoding(self, x: Tensor, h: int, w: int) -> Tensor:
         """Position embeddings for an h×w input (x holds CLS + patch tokens), resized by `resize_pos_embed`."""
         if x.shape[1] == self.pos_embed.shape[1] and h == w:

@@ -14,6 +14,7 @@ from torch import nn
 
 from dinoforge import distributed as dist_utils
 from dinoforge.models.weights import load_state_dict_strict
+from dinoforge.train.highres import crop_phases, global_size_at, switch_resolution
 from dinoforge.utils import DinoforgeError, atomic_torch_save
 
 CKPT_RE = re.compile(r"model_(\d+)\.pth$")
@@ -77,16 +78,24 @@ def load_checkpoint(path: Path) -> dict:
         raise DinoforgeError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
-def check_crop_size(ckpt: dict, global_crops_size: int, path: Path) -> None:
-    """Refuse to resume a checkpoint trained at another global crop size (its position embedding has another grid):
-    one line that says how to resume, or how to continue at the new size as a new run."""
-    trained = ckpt.get("config", {}).get("crops", {}).get("global_crops_size")
-    if trained is not None and trained != global_crops_size:
-        raise DinoforgeError(
-            f"cannot resume {path}: it was trained with crops.global_crops_size={trained}, the config asks for "
-            f"{global_crops_size}; resume with crops.global_crops_size={trained}, or start a new run (another -o) "
-            f"from it with student.pretrained_weights={path} (position embedding resized, heads kept)"
-        )
+def check_crop_size(ckpt: dict, cfg: DictConfig, path: Path) -> int:
+    """Refuse to resume a checkpoint whose position embedding has another grid than the config gives its iteration
+    (another global crop size, or another high-res phase): one line that says how to resume, or how to continue at
+    the new size as a new run. Returns that global crop size."""
+    saved, it = ckpt.get("config", {}), ckpt["iteration"]
+    asked = global_size_at(cfg, it)
+    trained = global_size_at(saved, it) if "global_crops_size" in saved.get("crops", {}) else None
+    if trained is None or trained == asked:
+        return asked
+    if len(crop_phases(cfg)) == 1 and len(crop_phases(saved)) == 1:
+        what, fix = f"was trained with crops.global_crops_size={trained}", f"crops.global_crops_size={trained}"
+    else:
+        what, fix = f"trained at {trained} px global crops", "the checkpoint's crops and crops.highres settings"
+    raise DinoforgeError(
+        f"cannot resume {path}: it {what}, the config asks for {asked} at its iteration {it}; resume with {fix}, "
+        f"or start a new run (another -o) from it with student.pretrained_weights={path} (position embedding "
+        "resized, heads kept)"
+    )
 
 
 def model_state(model: nn.Module, sharded: bool) -> dict:
@@ -137,7 +146,9 @@ def resume_training_state(
         say(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch")
         return 0, None
     path, ckpt, unreadable = newest
-    check_crop_size(ckpt, cfg.crops.global_crops_size, path)
+    size = check_crop_size(ckpt, cfg, path)
+    if model.arch["img_size"] != size:  # checkpointed in the high-res phase
+        switch_resolution(model, optimizer, size)
     restore_training_state(model, optimizer, ckpt, sharded, rank)
     for reason in unreadable:
         say(f"warning: skipping a newer checkpoint: {reason}")

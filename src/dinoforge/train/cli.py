@@ -57,6 +57,9 @@ def train_command(
     Runs on one process, or under `torchrun --nproc-per-node N -m dinoforge train ...` (gloo on CPU, NCCL on GPU;
     train.distributed=ddp|fsdp). Start from existing backbone weights with student.pretrained_weights=PATH (released
     518 px weights are resized to the crop size; train.freeze_backbone_iters=N trains the fresh heads alone first).
+    High-resolution adaptation (DINOv2 §4): crops.highres.iterations=N crops.highres.global_crops_size=G
+    crops.highres.local_crops_size=L trains the last N iterations at G/L px crops (position embeddings resized once),
+    or start a separate run from a checkpoint at a larger crop size (presets vitl14_highres, vitg14_highres).
     For a short run or a small data set use train.recipe=small (schedules, LayerScale, blur and prototypes derived
     from the run; the official presets keep train.recipe=official).
     """

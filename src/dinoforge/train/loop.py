@@ -23,6 +23,7 @@ from dinoforge.models.weights import load_backbone, save_backbone
 from dinoforge.train.checkpoint import model_state, resume_training_state, save_training_state
 from dinoforge.train.data import SeededAugment, SeededCollate, StepSampler, seed_everything, seed_step
 from dinoforge.train.distributed import average_gradients, broadcast_module, fully_shard_model
+from dinoforge.train.highres import CropPhase, check_crop_phases, crop_phases, switch_resolution
 from dinoforge.train.logging import MetricsLog, Progress, StallMonitor, plot_curves
 from dinoforge.train.meta_arch import SSLMetaArch
 from dinoforge.train.param_groups import apply_optim_scheduler, fuse_params_groups, get_params_groups_with_decay
@@ -54,19 +55,21 @@ def fsdp_param_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype | Non
     return _precision(cfg, "fsdp_param_dtype", _autocast_dtype(cfg, device))
 
 
-def _build_loader(cfg: DictConfig, dataset: Dataset, start_iter: int, world: int, rank: int) -> DataLoader:
-    g, p = cfg.crops.global_crops_size, cfg.student.patch_size
-    if g % p or cfg.crops.local_crops_size % p:
-        raise DinoforgeError(f"crop sizes ({g}, {cfg.crops.local_crops_size}) must be multiples of patch_size {p}")
+def _build_loader(
+    cfg: DictConfig, dataset: Dataset, start_iter: int, world: int, rank: int, phase: CropPhase | None = None
+) -> DataLoader:
+    """The loader of iterations `start_iter` on at the crop sizes of `phase` (default: the base sizes)."""
+    phase = phase or crop_phases(cfg)[0]
+    g, p = phase.global_size, cfg.student.patch_size
     n_tokens = (g // p) ** 2
     augment_args = (
         tuple(cfg.crops.global_crops_scale),
         tuple(cfg.crops.local_crops_scale),
         cfg.crops.local_crops_number,
         g,
-        cfg.crops.local_crops_size,
+        phase.local_size,
         cfg.crops.official_blur,
-        cfg.crops.blur_sigma_scale,
+        phase.blur_sigma_scale,
     )
     masking = {
         "mask_ratio_tuple": tuple(cfg.ibot.mask_ratio_min_max),
@@ -190,6 +193,7 @@ def train(
     dataset = build_dataset(data or cfg.train.dataset_path, transform=None, split="train")
     schedules = _finalise_config(cfg, output_dir, len(dataset), world, main, say)
 
+    phases = check_crop_phases(cfg)
     seed_everything(cfg.train.seed)
     model = SSLMetaArch(cfg)
     if cfg.student.pretrained_weights:
@@ -200,6 +204,8 @@ def train(
     ckpt_period = cfg.train.checkpoint_period_iterations or 3 * epoch_len
 
     sharded = world > 1 and cfg.train.distributed == "fsdp"
+    if sharded and len(phases) > 1:
+        raise DinoforgeError("crops.highres resizes parameters in place: use train.distributed=ddp, not fsdp")
     if sharded:
         fully_shard_model(model, fsdp_param_dtype(cfg, device))
     else:
@@ -215,7 +221,13 @@ def train(
     scaler = (
         torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 and cfg.compute_precision.grad_scaler else None
     )
-    loader = _build_loader(cfg, dataset, start_iter, world, rank)
+
+    def to_phase(phase: CropPhase) -> None:
+        if model.arch["img_size"] != phase.global_size:
+            switch_resolution(model, optimizer, phase.global_size)
+            say(f"iteration {phase.start}: {phase.global_size}/{phase.local_size} px crops, position embedding resized")
+
+    batches = _phase_batches(cfg, dataset, phases, start_iter, max_iter, world, rank, to_phase)
     log = MetricsLog(output_dir, start_iter, enabled=main)
     progress = Progress(max_iter, start_iter, enabled=main and not quiet and progress_enabled())
     monitor = StallMonitor(max_iter, cfg.train.recipe, warn=main and not quiet)
@@ -223,7 +235,7 @@ def train(
     skipped: dict[int, None] = {}  # dataset indices of unreadable images, in the order met (each once)
     t0, n_images = time.perf_counter(), 0
     try:
-        for it, batch in zip(range(start_iter, max_iter), loader, strict=False):
+        for it, batch in batches:
             skipped.update(dict.fromkeys(batch["skipped"]))
             if "collated_global_crops" not in batch:
                 continue
@@ -277,6 +289,18 @@ def train(
     log.close()
     dist_utils.barrier()
     return summary
+
+
+def _phase_batches(cfg, dataset, phases: list[CropPhase], start_iter: int, max_iter: int, world, rank, to_phase):
+    """(iteration, batch) from `start_iter` to the end, one loader per crop phase; `to_phase(phase)` is called
+    before the first batch of each phase run here (the switch to high resolution)."""
+    ends = [p.start for p in phases[1:]] + [max_iter]
+    for phase, end in zip(phases, ends, strict=True):
+        first = max(phase.start, start_iter)
+        if first >= end:
+            continue
+        to_phase(phase)
+        yield from zip(range(first, end), _build_loader(cfg, dataset, first, world, rank, phase), strict=False)
 
 
 def _periodic_eval(model, it: int, output_dir: Path, sharded: bool, main: bool, device, log, evaluate) -> None:

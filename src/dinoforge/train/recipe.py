@@ -33,8 +33,8 @@ def resolve_recipe(cfg: DictConfig, n_images: int, world: int = 1) -> dict[str, 
 
     small: one epoch is one pass over the data (`train.OFFICIAL_EPOCH_LENGTH`), the teacher's EMA starts with a
     time constant of EMA_HORIZON of the run and anneals to 1, the teacher temperature is TEACHER_TEMP with no
-    warm-up, LayerScale starts at LAYERSCALE, the blur sigma range scales with the global crop size, and both heads
-    get `prototypes_for(2 · global batch)` prototypes.
+    warm-up, LayerScale starts at LAYERSCALE, the blur sigma range scales with the global crop size (that of the
+    high-res phase with its own), and both heads get `prototypes_for(2 · global batch)` prototypes.
     """
     recipe = cfg.train.recipe
     if recipe not in RECIPES:
@@ -57,6 +57,8 @@ def resolve_recipe(cfg: DictConfig, n_images: int, world: int = 1) -> dict[str, 
         "dino.head_n_prototypes": k,
         "ibot.head_n_prototypes": k,
     }
+    if cfg.crops.highres.iterations:
+        values["crops.highres.blur_sigma_scale"] = round(cfg.crops.highres.global_crops_size / BLUR_SIGMA_CROP, 4)
     OmegaConf.set_struct(cfg, False)
     for key, value in values.items():
         OmegaConf.update(cfg, key, value)
