@@ -14,7 +14,6 @@ ratio line (distillation ÷ SSL).
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Annotated
 
 import torch
 import typer
-from train_step import BENCH_MODELS, Spec, measure_pair  # benchmarks/ is sys.path[0] when run as a script
+from train_step import BENCH_MODELS, Spec, measure_pair, run_cli  # benchmarks/ is sys.path[0] when run as a script
 
 from dinoforge.utils import DinoforgeError, resolve_device, write_json
 
@@ -95,9 +94,4 @@ def main(
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    try:
-        typer.run(main)
-    except DinoforgeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main)

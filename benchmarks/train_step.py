@@ -481,10 +481,15 @@ def main(
     print(f"results: {path}", file=sys.stderr)
 
 
-if __name__ == "__main__":
+def run_cli(main_fn) -> None:
+    """Run a benchmark's typer `main_fn` as a script: unbuffered output, a DinoforgeError as one `error:` line."""
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:
-        typer.run(main)
+        typer.run(main_fn)
     except DinoforgeError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_cli(main)

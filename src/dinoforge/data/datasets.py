@@ -140,9 +140,12 @@ class _PathDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def _image(self, index: int) -> Image.Image:
+        return load_item(self.paths[index], self.size)
+
     def __getitem__(self, index: int):
         try:
-            img = load_item(self.paths[index], self.size)
+            img = self._image(index)
         except CorruptImageError:
             return None
         return (self.transform(img) if self.transform else img), int(self.labels[index]), index
@@ -162,15 +165,9 @@ class CroppedPathDataset(_PathDataset):
         if len(self.boxes) != len(self.paths):
             raise DinoforgeError(f"{len(self.boxes)} boxes for {len(self.paths)} images")
 
-    def __getitem__(self, index: int):
-        try:
-            img = load_item(self.paths[index], self.size)
-        except CorruptImageError:
-            return None
-        box = self.boxes[index]
-        if box is not None:
-            img = img.crop(tuple(box))
-        return (self.transform(img) if self.transform else img), -1, index
+    def _image(self, index: int) -> Image.Image:
+        img, box = super()._image(index), self.boxes[index]
+        return img if box is None else img.crop(tuple(box))
 
 
 class ImageFolderDataset(_PathDataset):
