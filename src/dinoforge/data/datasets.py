@@ -346,6 +346,15 @@ class BundledDataset(Dataset):
         return f"{'bundled-full' if self.full else 'bundled'}:{self.split}/{index}"
 
 
+def require_labels(labels: np.ndarray, spec: str, purpose: str) -> None:
+    """One error line when `spec` holds unlabelled images (label -1) and `purpose` (e.g. "fine-tuning") needs labels."""
+    if (np.asarray(labels) < 0).any():
+        raise DinoforgeError(
+            f"{spec} has unlabelled images: {purpose} needs class labels (one sub-folder per class, or a file list "
+            "with labels)"
+        )
+
+
 def skipped_summary(names: Sequence[str]) -> dict[str, Any]:
     """The record of unreadable images a command skipped, for its JSON results and `report_skipped`:
     `skipped_images` (how many, each image once) and `first_skipped_image` (the first met, or None)."""

@@ -157,6 +157,8 @@ def labelled_features(
     The first spec is read as the train split and the others as the val split of a folder with such
     sub-folders; class names index labels in the first spec's order, so every split agrees. Unlabelled data
     is an error. `out` is created so the evaluation can write its metrics there."""
+    from dinoforge.data.datasets import require_labels
+
     Path(out).mkdir(parents=True, exist_ok=True)
     splits = ["train" if i == 0 and len(specs) > 1 else "val" for i in range(len(specs))]
     classes = None  # the first spec's, once read
@@ -165,11 +167,7 @@ def labelled_features(
         feats = dataset_features(
             net, fingerprint, spec, batch_size, image_size, use_cache, n_last_blocks, split, classes=classes
         )
-        if (feats["labels"] < 0).any():
-            raise DinoforgeError(
-                f"{spec} has unlabelled images: this evaluation needs class labels (one sub-folder per class, "
-                "or a file list with labels)"
-            )
+        require_labels(feats["labels"], spec, "this evaluation")
         classes = classes or feats["classes"] or None
         result.append(feats)
     return result

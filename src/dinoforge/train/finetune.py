@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from dinoforge.data.datasets import build_dataset, skipped_summary
+from dinoforge.data.datasets import build_dataset, require_labels, skipped_summary
 from dinoforge.data.transforms import eval_side, eval_transform_for, finetune_transform
 from dinoforge.features import frozen, image_batches
 from dinoforge.models.vision_transformer import DinoVisionTransformer
@@ -97,11 +97,7 @@ def _labels(dataset: Dataset, spec: str) -> np.ndarray:
     labels = np.asarray(dataset.labels)
     if len(labels) == 0:
         raise DinoforgeError(f"no images found in {spec}")
-    if (labels < 0).any():
-        raise DinoforgeError(
-            f"{spec} has unlabelled images: fine-tuning needs class labels (one sub-folder per class, or a file "
-            "list with labels)"
-        )
+    require_labels(labels, spec, "fine-tuning")
     return labels
 
 
