@@ -82,3 +82,19 @@ def test_plain_dict_config_without_scaling():
     s = build_schedulers(cfg)
     assert s.lr[0] == 0.01 and s.last_layer_lr[0] == 0.01
     assert s.teacher_temp[0] == 0.07  # no warm-up: constant from the start
+
+
+def test_max_iterations_sets_the_run_length_and_its_schedules():
+    from dinoforge.config.config import load_config
+    from dinoforge.train.recipe import resolve_recipe
+    from dinoforge.train.schedules import total_iterations
+
+    cfg = load_config("demo")
+    assert total_iterations(cfg) == 2 * 78  # epochs × OFFICIAL_EPOCH_LENGTH when unset
+    cfg = load_config("demo", ["train.max_iterations=50"])
+    resolve_recipe(cfg, 10_000)  # the small recipe derives the teacher's EMA horizon from the 50 steps
+    assert total_iterations(cfg) == 50
+    assert cfg.teacher.momentum_teacher == pytest.approx(1 - 1 / (0.2 * 50))
+    s = build_schedulers(cfg)
+    assert len(s.lr) == len(s.wd) == len(s.momentum) == 50
+    assert s.lr[0] > s.lr[49] > s.lr[50] == cfg.optim.min_lr  # the cosine ends at step 50, not at 156

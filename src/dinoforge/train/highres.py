@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from dinoforge.models.vision_transformer import resize_pos_embed
+from dinoforge.train.schedules import total_iterations
 from dinoforge.utils import DinoforgeError
 
 
@@ -35,7 +36,7 @@ def crop_phases(cfg: Mapping | DictConfig) -> list[CropPhase]:
     n = hr.get("iterations", 0)
     if not n:
         return [base]
-    max_iter = int(cfg["optim"]["epochs"]) * int(cfg["train"]["OFFICIAL_EPOCH_LENGTH"])
+    max_iter = total_iterations(cfg)
     blur = hr["blur_sigma_scale"] or base.blur_sigma_scale
     return [base, CropPhase(max_iter - int(n), hr["global_crops_size"], hr["local_crops_size"], blur)]
 
@@ -48,7 +49,7 @@ def global_size_at(cfg: Mapping | DictConfig, iteration: int) -> int:
 def check_crop_phases(cfg: DictConfig) -> list[CropPhase]:
     """`crop_phases` of a finalised config, each size checked before the first step: one-line errors."""
     p = cfg.student.patch_size
-    max_iter = int(cfg.optim.epochs) * int(cfg.train.OFFICIAL_EPOCH_LENGTH)
+    max_iter = total_iterations(cfg)
     hr = cfg.crops.highres
     if hr.iterations:
         if not 0 < hr.iterations < max_iter:

@@ -43,7 +43,7 @@ def resolve_recipe(cfg: DictConfig, n_images: int, world: int = 1) -> dict[str, 
         return {}
     batch = int(cfg.train.batch_size_per_gpu) * world
     epoch_len = max(1, n_images // batch)
-    steps = int(cfg.optim.epochs) * epoch_len
+    steps = int(cfg.train.max_iterations) or int(cfg.optim.epochs) * epoch_len
     k = prototypes_for(2 * batch)
     values = {
         "train.OFFICIAL_EPOCH_LENGTH": epoch_len,

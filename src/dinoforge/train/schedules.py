@@ -61,6 +61,13 @@ def scaled_lr(base_lr: float, batch_size_total: int, scaling_rule: str | None = 
     raise DinoforgeError(f"unknown optim.scaling_rule {scaling_rule!r} (expected 'sqrt_wrt_1024' or 'none')")
 
 
+def total_iterations(cfg: Mapping[str, Any]) -> int:
+    """The run's length in iterations: `train.max_iterations` when > 0 (a budget in steps, e.g. fitted to a time
+    budget), else `optim.epochs` × `train.OFFICIAL_EPOCH_LENGTH`. Works on a saved checkpoint's config dict too."""
+    fixed = int(cfg["train"].get("max_iterations", 0) or 0)
+    return fixed if fixed > 0 else int(cfg["optim"]["epochs"]) * int(cfg["train"]["OFFICIAL_EPOCH_LENGTH"])
+
+
 @dataclass(frozen=True)
 class Schedules:
     """The five schedules the training loop reads at each iteration."""
@@ -75,14 +82,15 @@ class Schedules:
 def build_schedulers(cfg: Mapping[str, Any], world_size: int = 1) -> Schedules:
     """Build the official recipe's schedules from a config with the official `optim`, `teacher`, `train` keys.
 
-    Epochs are `train.OFFICIAL_EPOCH_LENGTH` iterations. The peak lr is `optim.base_lr` scaled by
-    `optim.scaling_rule` for the total batch `train.batch_size_per_gpu · world_size` (with no scaling rule,
-    `optim.lr` is used); the last layer's lr is 0 for `optim.freeze_last_layer_epochs`, then follows the lr.
+    Epochs are `train.OFFICIAL_EPOCH_LENGTH` iterations; the run has `total_iterations(cfg)`. The peak lr is
+    `optim.base_lr` scaled by `optim.scaling_rule` for the total batch `train.batch_size_per_gpu · world_size`
+    (with no scaling rule, `optim.lr` is used); the last layer's lr is 0 for `optim.freeze_last_layer_epochs`,
+    then follows the lr.
     The teacher temperature warms up linearly and then stays at `teacher.teacher_temp`.
     """
     optim, teacher, train = cfg["optim"], cfg["teacher"], cfg["train"]
     epoch = int(train["OFFICIAL_EPOCH_LENGTH"])
-    total = int(optim["epochs"]) * epoch
+    total = total_iterations(cfg)
     rule = optim.get("scaling_rule", "sqrt_wrt_1024")
     base = optim["base_lr"] if rule not in (None, "", "none") else optim["lr"]
     peak_lr = scaled_lr(base, int(train["batch_size_per_gpu"]) * world_size, rule)
