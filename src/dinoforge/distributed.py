@@ -84,3 +84,12 @@ def all_reduce_mean(values: dict[str, torch.Tensor]) -> dict[str, float]:
         dist.all_reduce(stacked)
         stacked /= world_size()
     return dict(zip(keys, stacked.tolist(), strict=True))
+
+
+def broadcast_object(obj: object) -> object:
+    """Rank 0's `obj` on every process (a picklable object); `obj` itself when not distributed."""
+    if not is_enabled():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

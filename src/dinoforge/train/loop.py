@@ -27,32 +27,10 @@ from dinoforge.train.highres import CropPhase, check_crop_phases, crop_phases, s
 from dinoforge.train.logging import MetricsLog, Progress, StallMonitor, plot_curves
 from dinoforge.train.meta_arch import SSLMetaArch
 from dinoforge.train.param_groups import apply_optim_scheduler, fuse_params_groups, get_params_groups_with_decay
+from dinoforge.train.precision import autocast_dtype, fsdp_param_dtype, resolve_cpu_autocast
 from dinoforge.train.recipe import resolve_recipe
-from dinoforge.train.schedules import build_schedulers, scaled_lr
+from dinoforge.train.schedules import build_schedulers, scaled_lr, total_iterations
 from dinoforge.utils import DinoforgeError, eprint, progress_enabled, write_json
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-
-
-def _precision(cfg: DictConfig, key: str, auto: torch.dtype | None) -> torch.dtype | None:
-    """The low-precision dtype named by compute_precision.`key` (None: fp32), `auto` for "auto"."""
-    mode = cfg.compute_precision[key]
-    if mode == "auto":
-        return auto
-    if mode not in _DTYPES:
-        raise DinoforgeError(f"compute_precision.{key} must be auto, {', '.join(_DTYPES)}; got {mode!r}")
-    return _DTYPES[mode]
-
-
-def _autocast_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype of the forward/backward: auto is bf16 on CUDA devices that support it, fp32 elsewhere."""
-    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return _precision(cfg, "autocast", torch.bfloat16 if bf16_ok else None)
-
-
-def fsdp_param_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype | None:
-    """FSDP2's parameter dtype in forward/backward (MixedPrecisionPolicy; master weights and reduction stay fp32)."""
-    return _precision(cfg, "fsdp_param_dtype", _autocast_dtype(cfg, device))
 
 
 def _build_loader(
@@ -139,12 +117,17 @@ def _silent(*_: object) -> None:
     """The message sink of non-main ranks and quiet runs."""
 
 
-def _finalise_config(cfg: DictConfig, output_dir: Path, n_images: int, world: int, main: bool, say) -> object:
-    """Fill in what depends on the run (the small recipe's derived values, the batch-scaled lr, the output folder),
-    save the final config as config.yaml and return the per-iteration schedules."""
+def _finalise_config(
+    cfg: DictConfig, output_dir: Path, n_images: int, world: int, main: bool, say, device, resume: bool
+) -> object:
+    """Fill in what depends on the run (the small recipe's derived values, the precision `auto` means on a CPU, the
+    batch-scaled lr, the output folder), save the final config as config.yaml and return the per-iteration
+    schedules."""
     resolved = resolve_recipe(cfg, n_images, world)
     if resolved:
         say(f"recipe {cfg.train.recipe}: " + " ".join(f"{k}={v}" for k, v in resolved.items()))
+    saved = output_dir / "config.yaml"
+    resolve_cpu_autocast(cfg, device, OmegaConf.load(saved) if resume and saved.is_file() else None, say)
     OmegaConf.set_struct(cfg, False)
     cfg.train.output_dir = str(output_dir)
     schedules = build_schedulers(cfg, world)
@@ -191,7 +174,7 @@ def train(
     say = eprint if main and not quiet else _silent
     output_dir = Path(output_dir)
     dataset = build_dataset(data or cfg.train.dataset_path, transform=None, split="train")
-    schedules = _finalise_config(cfg, output_dir, len(dataset), world, main, say)
+    schedules = _finalise_config(cfg, output_dir, len(dataset), world, main, say, device, resume)
 
     phases = check_crop_phases(cfg)
     seed_everything(cfg.train.seed)
@@ -200,7 +183,7 @@ def train(
         say(model.load_pretrained(cfg.student.pretrained_weights))
     model.to(device).train()
     epoch_len = cfg.train.OFFICIAL_EPOCH_LENGTH
-    max_iter = cfg.optim.epochs * epoch_len
+    max_iter = total_iterations(cfg)
     ckpt_period = cfg.train.checkpoint_period_iterations or 3 * epoch_len
 
     sharded = world > 1 and cfg.train.distributed == "fsdp"
@@ -217,7 +200,7 @@ def train(
     if resume:
         start_iter, last_ckpt = resume_training_state(ckpt_dir, cfg, model, optimizer, sharded, rank, say)
 
-    amp_dtype = _autocast_dtype(cfg, device)
+    amp_dtype = autocast_dtype(cfg, device)
     scaler = (
         torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 and cfg.compute_precision.grad_scaler else None
     )

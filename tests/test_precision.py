@@ -1,0 +1,67 @@
+"""What compute_precision.autocast=auto means on a CPU: bf16 only with bf16 matrix units and a measured gain."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from dinoforge.config.config import load_config
+from dinoforge.train import precision
+from dinoforge.train.precision import autocast_dtype, cpu_bf16_units, resolve_cpu_autocast, time_student_step
+
+CPU = torch.device("cpu")
+XEON = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+EPYC = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n"
+
+
+def test_bf16_units_are_read_from_the_cpu_flags():
+    assert cpu_bf16_units(XEON) == ["amx_bf16", "avx512_bf16"]
+    assert cpu_bf16_units(EPYC) == []
+    assert cpu_bf16_units("") == []
+
+
+@pytest.mark.parametrize(
+    ("units", "fp32_s", "bf16_s", "expected"),
+    [
+        ([], 1.0, 0.1, "fp32"),  # no bf16 units: fp32 without timing anything
+        (["amx_bf16"], 1.0, 0.5, "bf16"),  # 2x faster in bf16
+        (["amx_bf16"], 1.0, 0.95, "fp32"),  # under the 1.1x margin
+        (["avx512_bf16"], 0.145, 0.174, "fp32"),  # the demo model on AMX: slower in bf16
+    ],
+)
+def test_auto_picks_bf16_only_with_units_and_a_measured_gain(monkeypatch, units, fp32_s, bf16_s, expected):
+    monkeypatch.setattr(precision, "cpu_bf16_units", lambda: units)
+    timed = []
+
+    def fake_time(cfg, dtype):
+        timed.append(dtype)
+        return bf16_s if dtype == torch.bfloat16 else fp32_s
+
+    monkeypatch.setattr(precision, "time_student_step", fake_time)
+    cfg, said = load_config("demo"), []
+    resolve_cpu_autocast(cfg, CPU, None, said.append)
+    assert cfg.compute_precision.autocast == expected
+    assert autocast_dtype(cfg, CPU) == (torch.bfloat16 if expected == "bf16" else None)
+    assert timed == ([None, torch.bfloat16] if units else [])
+    assert len(said) == 1 and f"-> {expected}" in said[0]
+
+
+def test_a_resumed_run_keeps_its_choice_and_explicit_values_are_left_alone(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_bf16_units", lambda: ["amx_bf16"])
+    monkeypatch.setattr(precision, "time_student_step", lambda cfg, dtype: pytest.fail("resume must not re-time"))
+    saved = load_config("demo", ["compute_precision.autocast=bf16"])
+    cfg = load_config("demo")
+    resolve_cpu_autocast(cfg, CPU, saved, lambda _: None)
+    assert cfg.compute_precision.autocast == "bf16"
+    explicit = load_config("demo", ["compute_precision.autocast=fp32"])
+    resolve_cpu_autocast(explicit, CPU, None, lambda _: None)
+    assert explicit.compute_precision.autocast == "fp32"
+    on_cuda = load_config("demo")
+    resolve_cpu_autocast(on_cuda, torch.device("cuda"), None, lambda _: None)
+    assert on_cuda.compute_precision.autocast == "auto"  # CUDA keeps its own rule
+
+
+def test_the_timing_probe_runs_the_student_in_both_precisions():
+    cfg = load_config("demo")
+    for dtype in (None, torch.bfloat16):
+        assert 0 < time_student_step(cfg, dtype, repeats=1) < 60
+    assert OmegaConf.select(cfg, "compute_precision.autocast") == "auto"  # the probe does not resolve anything
