@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 OFFICIAL := dinov2==0.0.1.dev2
 PYTEST_ARGS ?=
 
-.PHONY: install install-test demo test test-fast lint bench gpu-check clean
+.PHONY: install install-test demo test test-fast test-portable lint bench gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,12 +26,31 @@ install-test: $(VENV)/.installed-test
 demo: install
 	$(BIN)/dinoforge demo
 
+# CPU kernel families (ATEN_CPU_CAPABILITY): fp32 and bf16 results differ between them in the last bits (another
+# summation order), and the tests must hold on each. A plain run uses this CPU's best family (avx512 where
+# /proc/cpuinfo lists avx512f, else avx2); OTHER_CAPABILITY is the second one here: avx2 on an AVX-512 CPU, else
+# `default` (ATen's non-vectorised kernels). KERNEL_TESTS depend most on the kernels: mixed precision, the losses,
+# parity with the official backbone, and the bf16/fp16 training runs. `make test` reruns them under the second family.
+HAS_AVX512 := $(shell grep -qsw avx512f /proc/cpuinfo && echo yes)
+OTHER_CAPABILITY := $(if $(HAS_AVX512),avx2,default)
+PORTABLE_CAPABILITIES := avx2 $(if $(HAS_AVX512),avx512,default)
+KERNEL_TESTS := tests/test_mixed_precision.py tests/test_losses.py tests/test_models.py \
+	tests/test_train.py::test_bf16_autocast_tracks_fp32_and_fsdp2_mixed_precision_runs \
+	tests/test_train.py::test_fp16_autocast_with_grad_scaler
+
 test: install-test
 	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/python -m pytest -q -n 2 --durations=15 $(PYTEST_ARGS)
+	ATEN_CPU_CAPABILITY=$(OTHER_CAPABILITY) $(BIN)/python -m pytest -q -n 2 -m "not slow" $(KERNEL_TESTS)
 
 test-fast: install-test
 	$(BIN)/python -m pytest -q -n 2 -m "not slow" $(PYTEST_ARGS)
+
+test-portable: install-test
+	for cap in $(PORTABLE_CAPABILITIES); do \
+		ATEN_CPU_CAPABILITY=$$cap $(BIN)/python -c "import torch; print('CPU kernels:', torch.backends.cpu.get_cpu_capability())"; \
+		ATEN_CPU_CAPABILITY=$$cap $(BIN)/python -m pytest -q -n 2 -m "not slow" $(PYTEST_ARGS) || exit 1; \
+	done
 
 lint: install-test
 	$(BIN)/ruff check src tests benchmarks scripts

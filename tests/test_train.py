@@ -409,7 +409,7 @@ def test_bf16_autocast_tracks_fp32_and_fsdp2_mixed_precision_runs(tmp_path):
         loop.train(tiny_cfg(f"compute_precision.autocast={mode}"), tmp_path / mode, data="bundled:train", quiet=True)
     fp32, bf16 = ([float(r["total_loss"]) for r in read_metrics(tmp_path / m)] for m in ("fp32", "bf16"))
     assert all(math.isfinite(v) for v in bf16)
-    assert bf16 == pytest.approx(fp32, rel=3e-2)
+    assert bf16 == pytest.approx(fp32, rel=3e-2)  # measured ≤ 0.4 %: AMD EPYC (AVX2), avx2 and default kernels
     assert bf16 != fp32  # autocast did change the arithmetic
 
     common = TINY + [
@@ -421,14 +421,25 @@ def test_bf16_autocast_tracks_fp32_and_fsdp2_mixed_precision_runs(tmp_path):
     _spawn(1, tmp_path / "one", common + ["train.batch_size_per_gpu=8"])
     _spawn(2, tmp_path / "two", common + ["train.batch_size_per_gpu=4", "train.distributed=fsdp"])
     one, two = ([float(r["total_loss"]) for r in read_metrics(tmp_path / m)] for m in ("one", "two"))
-    assert two == pytest.approx(one, rel=1e-2)
+    assert two == pytest.approx(one, rel=1e-2)  # measured ≤ 0.2 %: AMD EPYC (AVX2), avx2 and default kernels
+
+
+# fp16 run against the fp32 run with the same skipped step, per metric. fp16 rounds each operation to 2^-11 ≈ 5e-4
+# relative. The DINO and iBOT cross-entropies do not amplify it: measured ≤ 0.02 % over the 8 steps (AMD EPYC, AVX2:
+# ATEN_CPU_CAPABILITY=avx2 and =default), so 1 % holds on other kernels and is still far below what a wrong step
+# moves them (a step taken at 3: 4.7 % at step 4, 5.5 % on iBOT at step 5; no training at all: 25 % by step 7).
+# KoLeo, −log of nearest-neighbour distances between near-identical CLS tokens, amplifies it (measured ≤ 2.1 % on
+# its term, ≤ 0.35 % on the total): it is checked through the total, within 2 %. Against an fp32 run that does not
+# skip step 3, the kernels' drift stacks on a 3.4 % step (4.03 % on an AVX-512 Xeon, issue 25): no tolerance there
+# both holds and means something.
+FP16_TOL = {"dino_local_crops_loss": 1e-2, "dino_global_crops_loss": 1e-2, "ibot_loss": 1e-2, "total_loss": 2e-2}
 
 
 def test_fp16_autocast_with_grad_scaler(tmp_path, monkeypatch, one_thread):
-    """fp16 autocast on CPU with the grad scaler (compute_precision.grad_scaler): the losses follow the fp32 run's,
-    and an inf gradient injected at step 3 is caught by the scaler: that optimizer step is skipped (the student is
-    unchanged) and the scale halves, and the run ends with finite losses. Unscaled, the inf reaches AdamW, the
-    student turns NaN and the run stops at the next loss."""
+    """fp16 autocast on CPU with the grad scaler (compute_precision.grad_scaler): an inf gradient injected at step 3
+    is caught by the scaler: that optimizer step is skipped (the student is unchanged) and the scale halves, the run
+    ends with finite losses, and its losses follow those of an fp32 run that skips the same step. Unscaled, the inf
+    reaches AdamW, the student turns NaN and the run stops at the next loss."""
     from dinoforge.train import loop
     from dinoforge.train.meta_arch import SSLMetaArch
 
@@ -442,20 +453,26 @@ def test_fp16_autocast_with_grad_scaler(tmp_path, monkeypatch, one_thread):
             self.student.backbone.cls_token.grad[0, 0, 0] = float("inf")
         return out
 
+    real_step, steps = loop._optimizer_step, []
+
+    def skip_step_3(*args):  # the fp32 reference: the same run with step 3's update skipped, as the scaler should
+        steps.append(None)
+        if len(steps) != 4:
+            real_step(*args)
+
+    monkeypatch.setattr(loop, "_optimizer_step", skip_step_3)
     loop.train(tiny_cfg(), tmp_path / "fp32", data="bundled:train", quiet=True)
+    monkeypatch.setattr(loop, "_optimizer_step", real_step)
     monkeypatch.setattr(SSLMetaArch, "forward_backward", record)
     # this tiny model's parameter gradients reach ~1.4e3: from torch's default initial scale 2^16 the scaler would
     # (rightly) skip every one of the 8 steps while backing off; start it at 16, where none overflows by itself
     monkeypatch.setattr(torch.amp, "GradScaler", partial(torch.amp.GradScaler, init_scale=16.0))
     loop.train(tiny_cfg("compute_precision.autocast=fp16"), tmp_path / "fp16", data="bundled:train", quiet=True)
-    fp32, fp16 = ([float(r["total_loss"]) for r in read_metrics(tmp_path / m)] for m in ("fp32", "fp16"))
-    # Tolerance 4 %: fp16 rounds each operation to 2^-11 ≈ 5e-4 relative, but KoLeo (−log of nearest-neighbour
-    # distances between near-identical CLS tokens) amplifies it (1.7 % on its term at step 0), the trajectories drift
-    # apart over 8 steps (measured ≤ 2 % on the total without the injected inf), and the skipped step 3 delays the
-    # student by one step (≈ 1 %). A run that did not train (every step skipped) is 25 % off by step 7.
-    assert all(math.isfinite(v) for v in fp16)
-    assert fp16 == pytest.approx(fp32, rel=4e-2)
-    assert fp16 != fp32  # autocast did change the arithmetic
+    fp32, fp16 = ({k: [float(r[k]) for r in read_metrics(tmp_path / m)] for k in FP16_TOL} for m in ("fp32", "fp16"))
+    assert all(math.isfinite(v) for v in fp16["total_loss"])
+    for k, rel in FP16_TOL.items():
+        assert fp16[k] == pytest.approx(fp32[k], rel=rel), k
+    assert fp16["total_loss"] != fp32["total_loss"]  # autocast did change the arithmetic
     scales = [s for s, _ in seen]
     assert scales[:4] == [16.0] * 4 and scales[4:] == [8.0] * 4  # halved once, by the injected inf
     assert torch.equal(seen[3][1], seen[4][1])  # the step with the inf gradient was skipped
