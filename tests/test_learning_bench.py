@@ -40,7 +40,7 @@ def test_learning_quick_writes_points_ratio_and_figure(tmp_path):
         assert [p["step"] for p in points] == sorted(p["step"] for p in points) and points[-1]["step"] == run["steps"]
         assert all(0.0 < p["knn"] <= 1.0 and p["train_s"] > 0 for p in points), name
         assert run["steps"] <= 15 / run["probe_step_s"] + 1, name  # steps fitted to the 15 s budget at probed speed
-    assert runs["dinoforge:nolocal"]["probe_step_s"] < runs["dinoforge"]["probe_step_s"]  # fewer crops, cheaper step
+    assert result["variants"] == {"dinoforge:nolocal": ["crops.local_crops_number=0"]}
     if has_lightly:
         ratio = result["ratio_dinoforge_to_best_peer"]["0.25min"]
         assert ratio["best_peer"] == "simclr"
