@@ -362,11 +362,14 @@ def test_killed_run_resumes_finished_stages_with_the_same_result(tmp_path, monke
     cfg = _config(tmp_path, tmp_path / "pool")
     whole = run_pipeline(cfg, tmp_path / "whole")
 
+    class Killed(Exception):
+        pass
+
     def killed(*args, **kwargs):
-        raise KeyboardInterrupt
+        raise Killed
 
     monkeypatch.setattr(pipeline, "hierarchical_kmeans", killed)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Killed):
         run_pipeline(cfg, tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out" / "stages").iterdir()) == ["dedup.npz", "near_test.npz"]
     monkeypatch.undo()
@@ -377,7 +380,7 @@ def test_killed_run_resumes_finished_stages_with_the_same_result(tmp_path, monke
     assert again == whole
     assert (tmp_path / "out" / "manifest.jsonl").read_text() == (tmp_path / "whole" / "manifest.jsonl").read_text()
     changed = _config(tmp_path, tmp_path / "pool", ["dedup.threshold=0.95"])
-    with pytest.raises(KeyboardInterrupt):  # another threshold: the dedup stage is not reused
+    with pytest.raises(Killed):  # another threshold: the dedup stage is not reused
         run_pipeline(changed, tmp_path / "out")
 
 

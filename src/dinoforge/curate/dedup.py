@@ -215,13 +215,18 @@ def _join_pairs(data: Data, plan: IndexPlan, threshold: float, seed: int, batch_
     """Candidate pairs of an IVF self-join: every row goes to its nearest list (a float16 copy of the normalised
     pool, sorted by list) and probes its `nprobe` nearest lists; per list, one matrix product of the rows probing it
     against the rows in it, thresholded. The same pairs as faiss's IVF range search with these lists and probes, at
-    matrix-product speed instead of one scan per query. Under torchrun each rank joins its share of the lists."""
+    matrix-product speed instead of one scan per query. Under torchrun each rank assigns its share of the rows and
+    joins its share of the lists; every rank holds the whole store."""
     n, d = num_rows(data), dim(data)
     ivf = _train(data, plan, seed)  # holds the quantizer (the lists' centroids) alive
-    probes = np.empty((n, plan.nprobe), np.int32)
-    for start, xb in track(iter_batches(data, batch_size), "assign to lists", total=-(-n // batch_size)):
+    lo, hi = _my_rows(n)
+    probes = np.empty((hi - lo, plan.nprobe), np.int32)
+    batches = iter_batches(row_range(data, lo, hi), batch_size)
+    for start, xb in track(batches, "assign to lists", total=-(-(hi - lo) // batch_size)):
         probes[start : start + len(xb)] = ivf.quantizer.search(normalize(xb), plan.nprobe)[1]
     del ivf
+    if distributed.world_size() > 1:
+        probes = np.concatenate(distributed.gather_objects(probes))
     order = np.argsort(probes[:, 0], kind="stable")  # store position -> row
     where = np.empty(n, np.int64)
     where[order] = np.arange(n)  # row -> store position
