@@ -22,9 +22,10 @@ from dinoforge.utils import DinoforgeError
 def test_plan_index_rules():
     assert plan_index(FLAT_MAX_ROWS, 384).index == "flat"
     p = plan_index(1_000_000, 384, memory_bytes=2**40)
-    assert (p.index, p.nlist, p.nprobe, p.train_size, p.margin) == ("ivf", 4096, 4, 39 * 4096, 0.002)
-    assert p.index_bytes == 1_000_000 * (384 * 2 + 40) + 4096 * 384 * 4  # float16 store + list bookkeeping
-    assert plan_index(100_000, 384, memory_bytes=2**40).nlist == 1024  # 4 sqrt(1e5) = 1265 -> 2^10
+    assert (p.index, p.nlist, p.nprobe, p.train_size, p.margin) == ("ivf", 2048, 4, 39 * 2048, 0.002)
+    assert p.index_bytes == 1_000_000 * (384 * 2 + 40) + 2048 * 384 * 4  # float16 store + list bookkeeping
+    assert plan_index(100_000, 384, memory_bytes=2**40).nlist == 512  # 2 sqrt(1e5) = 632 -> 2^9
+    assert plan_index(100_000, 384, "ivfsq8").nlist == 1024  # faiss list scans: 4 sqrt(1e5) = 1265 -> 2^10
     # 10M x 384: the float16 join store takes 8.1 GB, SQ8 lists 3.9 GB, PQ (64 bytes a vector) 0.72 GB
     assert plan_index(10_000_000, 384, memory_bytes=12 * 2**30).index == "ivf"
     assert plan_index(10_000_000, 384, memory_bytes=4 * 2**30).index == "ivfsq8"

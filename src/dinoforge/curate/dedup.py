@@ -77,9 +77,11 @@ def plan_index(
     k: int = 8,
 ) -> IndexPlan:
     """The search plan for n vectors of dimension d. `auto`: exact (flat) up to FLAT_MAX_ROWS rows, else IVF stored
-    as fp32, SQ8 or PQ, the first that fits in `memory_bytes` (default: `memory_budget()`). IVF lists: the power of
-    two nearest 4 sqrt(n) (at least 39 training rows each), trained on 39 rows per list; probes: 4 (near copies
-    fall in the cell of their original or a neighbouring one)."""
+    as a float16 join store (`ivf`), SQ8 or PQ lists, the first that fits in `memory_bytes` (default:
+    `memory_budget()`). Probes: 4 (near copies fall in the list of their original or a neighbouring one). Lists: the
+    power of two nearest 2 sqrt(n) for the join, whose two matrix products (assignment n L d, join 4 n (n / L) d)
+    cost least at L = sqrt(4 n); 4 sqrt(n) for faiss's list scans, slower per operation than a matrix product. At
+    least 39 rows per list, which is also the training sample: 39 random rows per list."""
     if index not in INDEX_TYPES:
         raise DinoforgeError(f"unknown index type {index!r} (choose {', '.join(INDEX_TYPES)})")
     if n < 1:
@@ -92,7 +94,8 @@ def plan_index(
             index = next((t for t in ("ivf", "ivfsq8") if _index_bytes(t, n, d) <= budget), "ivfpq")
     if index == "flat":
         return IndexPlan("flat", n, 0, 0, 0, k, 0.0, _index_bytes("flat", n, d))
-    lists = nlist or int(2 ** round(np.log2(max(4 * np.sqrt(n), 1))))
+    per_root = 2 if index == "ivf" else 4
+    lists = nlist or int(2 ** round(np.log2(max(per_root * np.sqrt(n), 1))))
     lists = max(1, min(lists, n // _TRAIN_PER_LIST or 1))
     probes = max(1, min(nprobe or 4, lists))
     margin = {"ivf": 0.002, "ivfsq8": 0.01, "ivfpq": 0.05}[index]  # float16 store / SQ8 / PQ scores, re-scored
