@@ -118,15 +118,21 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def _cpu_s() -> float:
+    """This process's CPU time (user + system): less sensitive than wall time to other jobs on a shared machine."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _ours(folder: str, eval_file: str, index: str, threshold: float, recall_queries: int, nprobe, q) -> None:
     """dinoforge in a fresh process: memory-mapped fp16 shards, the planned index, components; then the
     near-evaluation search and the recall of the pairs against exact search on a sample."""
     shards = [np.load(p, mmap_mode="r") for p in sorted(Path(folder).glob("shard_*.npy"))]
     n, d = sum(len(s) for s in shards), shards[0].shape[1]
     plan = plan_index(n, d, index, nprobe=nprobe)
-    t = time.perf_counter()
+    t, c, load = time.perf_counter(), _cpu_s(), os.getloadavg()[0]
     res = dedup(shards, threshold, plan)
-    dedup_s = time.perf_counter() - t
+    dedup_s, dedup_cpu = time.perf_counter() - t, _cpu_s() - c
     rss = _peak_rss_gb()
     t = time.perf_counter()
     near = near_reference(shards, np.load(eval_file), threshold)[0]
@@ -138,6 +144,8 @@ def _ours(folder: str, eval_file: str, index: str, threshold: float, recall_quer
         {
             "plan": plan.as_dict(),
             "dedup_s": dedup_s,
+            "dedup_cpu_s": dedup_cpu,
+            "load": [round(load, 2), round(os.getloadavg()[0], 2)],
             "dedup_peak_rss_gb": rss,
             "pairs": res.pairs,
             "keep": res.keep,
@@ -154,7 +162,7 @@ def _raw_faiss(folder: str, plan: dict, threshold: float, q) -> None:
     training rows, a k-NN search of every row, pairs at or above the threshold, as a faiss user would write it."""
     x = np.concatenate([np.load(p) for p in sorted(Path(folder).glob("shard_*.npy"))]).astype(np.float32)
     faiss.normalize_L2(x)
-    t = time.perf_counter()
+    t, c, load = time.perf_counter(), _cpu_s(), os.getloadavg()[0]
     n, d = x.shape
     if plan["index"] == "flat":
         index = faiss.IndexFlatIP(d)
@@ -171,9 +179,10 @@ def _raw_faiss(folder: str, plan: dict, threshold: float, q) -> None:
         ok = (dd >= threshold) & (ii > qi)
         src.append(qi[ok])
         dst.append(ii[ok])
-    seconds = time.perf_counter() - t
+    seconds, cpu = time.perf_counter() - t, _cpu_s() - c
     pairs = np.unique(np.stack([np.concatenate(src), np.concatenate(dst)], 1), axis=0)
-    q.put({"s": seconds, "peak_rss_gb": _peak_rss_gb(), "pairs": pairs})
+    load = [round(load, 2), round(os.getloadavg()[0], 2)]
+    q.put({"s": seconds, "cpu_s": cpu, "load": load, "peak_rss_gb": _peak_rss_gb(), "pairs": pairs})
 
 
 def _in_process(fn, *args) -> dict:
@@ -233,6 +242,11 @@ def bench_dedup(args, n: int) -> None:
         raw_faiss_s=None if raw is None else round(raw["s"], 2),
         raw_faiss_peak_rss_gb=None if raw is None else round(raw["peak_rss_gb"], 2),
         ratio_vs_raw_faiss=None if raw is None else round(ours["dedup_s"] / raw["s"], 3),
+        cpu_s=round(ours["dedup_cpu_s"], 1),
+        raw_faiss_cpu_s=None if raw is None else round(raw["cpu_s"], 1),
+        cpu_ratio_vs_raw_faiss=None if raw is None else round(ours["dedup_cpu_s"] / raw["cpu_s"], 3),
+        load_1min=ours["load"],
+        raw_faiss_load_1min=None if raw is None else raw["load"],
         pairs=len(ours["pairs"]),
         raw_faiss_pairs=None if raw is None else len(raw["pairs"]),
         planted=planted_scores(ours["pairs"], group),
