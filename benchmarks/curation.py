@@ -115,7 +115,9 @@ def write_shards(x: np.ndarray, folder: Path, rows: int = 100_000) -> list[Path]
 
 
 def _peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    """Peak RSS of this process's own address space (VmHWM; ru_maxrss would count the parent's RSS at the fork)."""
+    hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
+    return int(hwm.split()[1]) / 2**20
 
 
 def _cpu_s() -> float:
