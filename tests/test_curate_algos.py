@@ -6,7 +6,7 @@ import pytest
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
-from dinoforge.curate.dedup import components, dedup, duplicate_pairs, near_reference
+from dinoforge.curate.dedup import components, dedup, duplicate_pairs, near_reference, plan_index
 from dinoforge.curate.kmeans import Hierarchy, hierarchical_kmeans, kmeans_faiss, kmeans_lloyd
 from dinoforge.curate.retrieve import cluster_based, retrieve, sample_based
 from dinoforge.curate.sample import balanced_sample, size_entropy, split_budget
@@ -115,9 +115,9 @@ def test_duplicate_pairs_match_brute_force_all_engines():
     s = normalize(x) @ normalize(x).T
     brute = {(i, j) for i, j in np.argwhere(np.triu(s >= 0.9, 1)).tolist()}
     assert brute == truth
-    for kw in ({}, {"k": 5}, {"index_type": "ivf"}):
-        pairs, sims = duplicate_pairs(x, 0.9, batch_size=100, **kw)
-        assert {tuple(p) for p in pairs.tolist()} == brute, kw
+    for plan in ("auto", "flat", plan_index(len(x), x.shape[1], "ivf"), plan_index(len(x), x.shape[1], "flat", k=2)):
+        pairs, sims = duplicate_pairs(x, 0.9, plan, batch_size=100)
+        assert {tuple(p) for p in pairs.tolist()} == brute, plan
         np.testing.assert_allclose(sims, s[pairs[:, 0], pairs[:, 1]], atol=1e-5)
 
 

@@ -49,6 +49,11 @@ def test_cli_chain(tmp_path, monkeypatch):
     correct = [original_of.get(r["path"].rsplit("/", 1)[-1]) == r["duplicate_of"].rsplit("/", 1)[-1] for r in removed]
     assert len(removed) and np.mean(correct) >= 0.95
     assert (tmp_path / "dd" / "duplicates.png").exists()
+    assert stats["index"]["index"] == "flat" and stats["recall_vs_exact"] == "exact search"  # auto on a small pool
+    invoke("dedup", "--emb", tmp_path / "emb", "--out", tmp_path / "ivf", "--index", "ivf", "--nlist", 4)
+    ivf = json.loads((tmp_path / "ivf" / "dedup.json").read_text())
+    assert ivf["index"]["nprobe"] == 4 and ivf["pairs"] == stats["pairs"]  # every list probed: exact
+    assert ivf["recall_vs_exact"]["recall"] == 1.0 and ivf["recall_vs_exact"]["queries"] == len(paths)
 
     invoke(
         "cluster",

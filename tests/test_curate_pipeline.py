@@ -329,7 +329,7 @@ def test_embedder_identity_tracks_weights_file(tmp_path):
         (["treshold=0.5"], r"'treshold' \(did you mean dedup\.threshold"),
         (["dedup.threshold=abc"], r"'dedup\.threshold' must be a number"),
         (["cluster.levels=[4,x]"], r"'cluster\.levels' must be a list of integers"),
-        (["dedup.index=hnsw"], r"'dedup\.index' must be one of flat, ivf, ivfpq"),
+        (["dedup.index=hnsw"], r"'dedup\.index' must be one of auto, flat, ivf, ivfsq8, ivfpq"),
         (["dedup=0.5"], r"'dedup' .* must be a mapping"),
         (["cluster.levels=[1,2"], r"bad curation override 'cluster\.levels=\[1,2': not valid YAML"),
         (["pool"], r"must be key=value"),
@@ -345,7 +345,7 @@ def test_config_nested_yaml_keys_checked_and_defaults_file_valid(tmp_path):
 
     default = Path(__file__).resolve().parents[1] / "configs" / "curate_default.yaml"
     cfg = load_config(default)
-    assert cfg.cluster.levels == [100, 10] and cfg.dedup.threshold == DEFAULT_THRESHOLD
+    assert cfg.cluster.levels == "auto" and cfg.dedup.threshold == DEFAULT_THRESHOLD
     (tmp_path / "c.yaml").write_text("pool: p\ncurated:\ntest: one_folder\ndedup:\n  index: ivf\nsample:\n")
     cfg = load_config(tmp_path / "c.yaml")  # empty sections keep defaults; one test folder becomes a list
     assert cfg.curated == {} and list(cfg.test) == ["one_folder"] and cfg.dedup.index == "ivf"
@@ -353,3 +353,52 @@ def test_config_nested_yaml_keys_checked_and_defaults_file_valid(tmp_path):
     (tmp_path / "t.yaml").write_text("pool: p\ndedup: {treshold: 0.5}\n")
     with pytest.raises(DinoforgeError, match=r"t\.yaml: 'dedup\.treshold' \(did you mean dedup\.threshold"):
         load_config(tmp_path / "t.yaml")
+
+
+def test_killed_run_resumes_finished_stages_with_the_same_result(tmp_path, monkeypatch):
+    import dinoforge.curate.pipeline as pipeline
+
+    _make_sets(tmp_path)
+    cfg = _config(tmp_path, tmp_path / "pool")
+    whole = run_pipeline(cfg, tmp_path / "whole")
+
+    class Killed(Exception):
+        pass
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    monkeypatch.setattr(pipeline, "hierarchical_kmeans", killed)
+    with pytest.raises(Killed):
+        run_pipeline(cfg, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out" / "stages").iterdir()) == ["dedup.npz", "near_test.npz"]
+    monkeypatch.undo()
+    monkeypatch.setenv("DINOFORGE_NO_PROGRESS", "1")
+    monkeypatch.setattr(pipeline, "dedup", killed)  # finished: must not run again
+    monkeypatch.setattr(pipeline, "near_reference", killed)
+    again = run_pipeline(cfg, tmp_path / "out")
+    assert again == whole
+    assert (tmp_path / "out" / "manifest.jsonl").read_text() == (tmp_path / "whole" / "manifest.jsonl").read_text()
+    changed = _config(tmp_path, tmp_path / "pool", ["dedup.threshold=0.95"])
+    with pytest.raises(Killed):  # another threshold: the dedup stage is not reused
+        run_pipeline(changed, tmp_path / "out")
+
+
+def test_cluster_settings_auto_rule_is_reported(tmp_path):
+    from dinoforge.curate.pipeline import cluster_settings
+
+    cfg = load_config(None, ["pool=p"])
+    s = cluster_settings(cfg, 1_000_000)
+    assert s["levels"] == [13459, 673, 67, 13] and s["niter"] == 10
+    assert s["resample_steps"] == [0, 0, 0, 0] and s["sample_sizes"] == [0, 0, 0, 0]
+    cfg = load_config(None, ["pool=p", "cluster.resample_steps=[0,5]", "cluster.sample_sizes=[0,3]"])
+    s = cluster_settings(cfg, 1_000_000)
+    assert s["resample_steps"] == [0, 5, 5, 5] and s["sample_sizes"] == [0, 3, 3, 3]
+    cfg = load_config(None, ["pool=p", "cluster.levels=[20,4]", "cluster.niter=7"])
+    assert cluster_settings(cfg, 100) == {
+        "levels": [20, 4],
+        "niter": 7,
+        "resample_steps": [0, 0],
+        "sample_sizes": [0, 0],
+        "rule": "config",
+    }

@@ -86,10 +86,19 @@ def all_reduce_mean(values: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(keys, stacked.tolist(), strict=True))
 
 
-def broadcast_object(obj: object) -> object:
-    """Rank 0's `obj` on every process (a picklable object); `obj` itself when not distributed."""
-    if not is_enabled():
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """`obj` as `src` has it, on every process (picklable objects; the object itself outside a distributed run)."""
+    if world_size() == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def gather_objects(obj: object) -> list:
+    """Every process's `obj`, in rank order, on every process (`[obj]` outside a distributed run)."""
+    if world_size() == 1:
+        return [obj]
+    parts: list = [None] * world_size()
+    dist.all_gather_object(parts, obj)
+    return parts

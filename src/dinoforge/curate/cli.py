@@ -78,22 +78,56 @@ def dedup_cmd(
             help="Embeddings of an evaluation/test set: pool images near it are removed (repeatable).",
         ),
     ] = None,
-    index: Annotated[str, typer.Option("--index", help="flat (exact), ivf or ivfpq (large pools).")] = "flat",
-    k: Annotated[int | None, typer.Option("--k", min=1, help="Use a k-NN search instead of range search.")] = None,
+    index: Annotated[
+        str,
+        typer.Option(
+            "--index",
+            help="auto (exact up to 50k images, else IVF stored as fp32, SQ8 or PQ, whichever fits the memory), "
+            "flat, ivf, ivfsq8 or ivfpq.",
+        ),
+    ] = "auto",
+    nlist: Annotated[int | None, typer.Option("--nlist", min=1, help="IVF lists (default: ~4 sqrt(n)).")] = None,
+    nprobe: Annotated[
+        int | None, typer.Option("--nprobe", min=1, help="IVF lists probed per query (default 4).")
+    ] = None,
+    memory_gb: Annotated[
+        float | None, typer.Option("--memory-gb", min=0.001, help="Memory the index may take (default: half the RAM).")
+    ] = None,
+    recall_queries: Annotated[
+        int,
+        typer.Option(
+            "--recall-queries", min=0, help="Random queries checked against exact search (approximate index)."
+        ),
+    ] = 1000,
 ) -> None:
-    """De-duplicate a pool: keep one image per near-duplicate component, drop copies of test images."""
-    from dinoforge.curate.dedup import dedup, near_reference
-    from dinoforge.curate.pipeline import montage, write_manifest
-    from dinoforge.curate.store import EmbeddingStore, take_rows
+    """De-duplicate a pool: keep one image per near-duplicate component, drop copies of test images (sharded over
+    ranks under torchrun)."""
+    import time
 
+    from dinoforge.curate.dedup import dedup, measure_recall, near_reference, plan_index
+    from dinoforge.curate.pipeline import montage, write_manifest
+    from dinoforge.curate.store import EmbeddingStore, dim
+    from dinoforge.distributed import init_from_env, is_main_process
+
+    init_from_env()
     pool = EmbeddingStore.open(emb)
     if len(pool) == 0:
         raise DinoforgeError(f"pool {emb} has no embedded image")
-    res = dedup(pool.shards, threshold, k, index)
+    memory = None if memory_gb is None else int(memory_gb * 2**30)
+    plan = plan_index(len(pool), dim(pool.shards), index, memory, nlist, nprobe)
+    typer.echo(f"index: {plan.as_dict()}")
+    t0 = time.perf_counter()
+    res = dedup(pool.shards, threshold, plan)
+    search_s = time.perf_counter() - t0
     keep = res.keep
     near = np.zeros(len(keep), bool)
     for t in test_emb or []:
-        near |= near_reference(take_rows(pool.shards, keep), EmbeddingStore.open(t).shards, threshold)[0]
+        near |= near_reference(pool.shards, EmbeddingStore.open(t).shards, threshold)[0][keep]
+    recall = None
+    if plan.index != "flat" and recall_queries and is_main_process():
+        recall = measure_recall(pool.shards, res.pairs, threshold, recall_queries)
+    if not is_main_process():
+        return
     out.mkdir(parents=True, exist_ok=True)
     write_manifest(
         out / "manifest.jsonl",
@@ -124,6 +158,9 @@ def dedup_cmd(
             "removed_near_test": int(near.sum()),
             "kept": int((~near).sum()),
             "threshold": threshold,
+            "index": plan.as_dict(),
+            "search_s": round(search_s, 3),
+            "recall_vs_exact": recall if plan.index != "flat" else "exact search",
         },
     )
     typer.echo(f"kept {int((~near).sum())} of {len(pool)} images -> {out}")

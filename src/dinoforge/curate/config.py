@@ -10,7 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from dinoforge.config import config
-from dinoforge.curate.dedup import DEFAULT_THRESHOLD
+from dinoforge.curate.dedup import DEFAULT_THRESHOLD, INDEX_TYPES
 from dinoforge.utils import DinoforgeError, read_yaml, require_file
 
 DEFAULTS: dict[str, Any] = {
@@ -28,11 +28,13 @@ DEFAULTS: dict[str, Any] = {
     "dedup": {
         "threshold": DEFAULT_THRESHOLD,
         "test_threshold": DEFAULT_THRESHOLD,
-        "index": "flat",
-        "k": None,
+        "index": "auto",
+        "nlist": None,
+        "nprobe": None,
+        "memory_gb": None,
     },
     "retrieve": {"k": 4, "m": 100, "sample_min_size": 1_000_000},
-    "cluster": {"levels": [], "niter": 20, "resample_steps": 0, "sample_sizes": None, "engine": "auto"},
+    "cluster": {"levels": "auto", "niter": "auto", "resample_steps": 0, "sample_sizes": None, "engine": "auto"},
     "sample": {"target_size": None, "strategy": "random"},
     "montage": {"clusters": 6, "per_cluster": 8, "duplicates": 16},
 }
@@ -106,17 +108,22 @@ def _check_values(c: dict[str, Any]) -> dict[str, Any]:
     d = c["dedup"]
     d["threshold"] = _float("dedup.threshold", d["threshold"], -1.0, 1.0)
     d["test_threshold"] = _float("dedup.test_threshold", d["test_threshold"], -1.0, 1.0)
-    _choice("dedup.index", d["index"], ("flat", "ivf", "ivfpq"))
-    _int("dedup.k", d["k"], 1, optional=True)
+    _choice("dedup.index", d["index"], INDEX_TYPES)
+    _int("dedup.nlist", d["nlist"], 1, optional=True)
+    _int("dedup.nprobe", d["nprobe"], 1, optional=True)
+    if d["memory_gb"] is not None:
+        d["memory_gb"] = _float("dedup.memory_gb", d["memory_gb"], 0.001, 1e6)
     r = c["retrieve"]
     _int("retrieve.k", r["k"], 1)
     _int("retrieve.m", r["m"], 1)
     _int("retrieve.sample_min_size", r["sample_min_size"], 0)
     k = c["cluster"]
-    k["levels"] = _ints("cluster.levels", k["levels"], 1, scalar_ok=True)
-    if isinstance(k["levels"], int):
-        k["levels"] = [k["levels"]]
-    _int("cluster.niter", k["niter"], 1)
+    if k["levels"] != "auto":
+        k["levels"] = _ints("cluster.levels", k["levels"], 1, scalar_ok=True)
+        if isinstance(k["levels"], int):
+            k["levels"] = [k["levels"]]
+    if k["niter"] != "auto":
+        _int("cluster.niter", k["niter"], 1)
     _ints("cluster.resample_steps", k["resample_steps"], 0, scalar_ok=True)
     _ints("cluster.sample_sizes", k["sample_sizes"], 0, scalar_ok=True, optional=True)
     _choice("cluster.engine", k["engine"], ("auto", "faiss", "lloyd"))
@@ -143,6 +150,11 @@ def _one_or_list(value: object, default: object) -> str | None:
     return "one value or a list" if isinstance(value, DictConfig) else None
 
 
+def _auto_or_int(value: object, default: object) -> str | None:
+    """The rule of `cluster.niter`: `auto` or an integer (checked in range after the merge)."""
+    return None if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)) else "auto or an integer"
+
+
 CURATION = config.ConfigSchema(
     name="curation config",
     defaults=lambda: OmegaConf.create(DEFAULTS),
@@ -150,7 +162,10 @@ CURATION = config.ConfigSchema(
     finish=_finish,
     override_name="curation override",
     free_sections=frozenset({"curated"}),
-    rules={key: _one_or_list for key in ("test", "cluster.levels", "cluster.resample_steps", "cluster.sample_sizes")},
+    rules={
+        **{key: _one_or_list for key in ("test", "cluster.levels", "cluster.resample_steps", "cluster.sample_sizes")},
+        "cluster.niter": _auto_or_int,
+    },
     empty_sections_keep_defaults=True,
 )
 

@@ -231,6 +231,25 @@ def _kmeans_split_over_ranks(data: Data, k: int, niter: int, seed: int, gpu: boo
     return KMeansResult(local.centroids, assign, sqd, local.inertia)
 
 
+PAPER_LEVELS = (743_000_000, 10_000_000, 500_000, 50_000, 10_000)
+"""Vo et al. 2024's web-image curation: 743M images clustered by a 4-level k-means into 10M, 500k, 50k, 10k
+clusters, i.e. about 74 images per level-0 cluster, then 20, 10 and 5 children per cluster."""
+
+
+def auto_levels(n: int) -> tuple[list[int], int]:
+    """Clusters per level and Lloyd iterations for n points, in the proportions of PAPER_LEVELS: each level divides
+    the one below by the paper's ratio, stopping before a level of fewer than 2 clusters (at least one level).
+    Iterations: 20 up to 100k points, 10 beyond (level 0 costs n * k0 * d per iteration, and k0 grows with n)."""
+    ratios = [a / b for a, b in zip(PAPER_LEVELS, PAPER_LEVELS[1:], strict=False)]
+    levels, k = [], float(n)
+    for r in ratios:
+        k /= r
+        if round(k) < 2:
+            break
+        levels.append(int(round(k)))
+    return levels or [1], 20 if n <= 100_000 else 10
+
+
 @dataclass
 class Hierarchy:
     """Hierarchical k-means: levels[0] clusters the points, levels[l] clusters the centroids of
@@ -238,24 +257,33 @@ class Hierarchy:
 
     levels: list[KMeansResult]
 
-    def save(self, path: str | Path) -> Path:
-        """Store every level's centroids, assignments and distances in one .npz."""
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every level's centroids, assignments and distances, by name (what `save` writes)."""
         arrays = {}
         for i, lvl in enumerate(self.levels):
             arrays |= {f"centroids_{i}": lvl.centroids, f"assign_{i}": lvl.assign, f"sqdist_{i}": lvl.sqdist}
-        np.savez(path, **arrays)
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> Hierarchy:
+        """The hierarchy of `arrays()`."""
+        n = len([k for k in arrays if k.startswith("centroids_")])
+        levels = []
+        for i in range(n):
+            sqd = arrays[f"sqdist_{i}"]
+            levels.append(KMeansResult(arrays[f"centroids_{i}"], arrays[f"assign_{i}"], sqd, float(sqd.sum())))
+        return cls(levels)
+
+    def save(self, path: str | Path) -> Path:
+        """Store every level in one .npz."""
+        np.savez(path, **self.arrays())
         return Path(path)
 
     @classmethod
     def load(cls, path: str | Path) -> Hierarchy:
         """Read a hierarchy written by `save`."""
         with np.load(path) as z:
-            n = len([k for k in z.files if k.startswith("centroids_")])
-            levels = []
-            for i in range(n):
-                sqd = z[f"sqdist_{i}"]
-                levels.append(KMeansResult(z[f"centroids_{i}"], z[f"assign_{i}"], sqd, float(sqd.sum())))
-        return cls(levels)
+            return cls.from_arrays({k: z[k] for k in z.files})
 
     def point_clusters(self) -> np.ndarray:
         """(n, L) cluster id of every point at every level (level 0 first)."""

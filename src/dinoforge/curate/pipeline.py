@@ -4,7 +4,9 @@ then a
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +14,12 @@ import numpy as np
 from omegaconf import DictConfig
 
 from dinoforge import distributed
-from dinoforge.curate.dedup import dedup, near_reference
+from dinoforge.curate.dedup import DedupResult, dedup, near_reference, plan_index
 from dinoforge.curate.embed import embed_images
-from dinoforge.curate.kmeans import Hierarchy, hierarchical_kmeans
+from dinoforge.curate.kmeans import Hierarchy, auto_levels, hierarchical_kmeans
 from dinoforge.curate.retrieve import retrieve
 from dinoforge.curate.sample import balanced_sample, size_entropy
-from dinoforge.curate.store import EmbeddingStore, absolute_name, take_rows
+from dinoforge.curate.store import EmbeddingStore, absolute_name, dim, take_rows
 from dinoforge.utils import DinoforgeError, atomic_write, eprint, write_json
 
 
@@ -67,12 +69,50 @@ def _embed(spec: str, out: Path, cfg: DictConfig) -> EmbeddingStore:
     return store
 
 
+def cluster_settings(cfg: DictConfig, n: int) -> dict[str, Any]:
+    """Hierarchical k-means settings for n images: the config's, with `auto` levels and iterations from the pool
+    size (`kmeans.auto_levels`); per-level lists shorter than the levels repeat their last value."""
+    c = cfg.cluster
+    levels, niter = auto_levels(n)
+    levels = levels if c.levels == "auto" else [min(int(k), n) for k in c.levels]
+    niter = niter if c.niter == "auto" else int(c.niter)
+
+    def per_level(v: Any) -> list[int]:
+        v = [0] if v is None else list(v) if not isinstance(v, int) else [v]
+        return (v + v[-1:] * len(levels))[: len(levels)]
+
+    return {
+        "levels": levels,
+        "niter": niter,
+        "resample_steps": per_level(c.resample_steps),
+        "sample_sizes": per_level(c.sample_sizes),
+        "rule": "config" if c.levels != "auto" and c.niter != "auto" else "auto (Vo et al. 2024 proportions)",
+    }
+
+
+def _stage(out: Path, name: str, key: dict[str, Any], compute: Callable[[], dict[str, np.ndarray]]) -> dict:
+    """A pipeline stage's arrays: read back from `stages/<name>.npz` when a run with the same inputs (`key`)
+    finished it, else computed (on every rank) and saved by rank 0. A killed run, rerun, skips finished stages."""
+    path = out / "stages" / f"{name}.npz"
+    tag = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    if path.exists():
+        with np.load(path) as z:
+            if str(z["key"]) == tag:
+                eprint(f"{name}: finished by an earlier run, read from {path}")
+                return {k: z[k] for k in z.files if k != "key"}
+    arrays = compute()
+    if distributed.rank() == 0:
+        atomic_write(path, lambda f: np.savez(f, key=np.array(tag), **arrays))
+    distributed.barrier()
+    return arrays
+
+
 def run_pipeline(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     """Run every curation step from one config; rank 0 writes manifest.jsonl, report.json and montages.
 
-    Under torchrun, embedding is split over ranks by shard and level-0 k-means over ranks by rows; every other
-    step is deterministic and repeated on each rank, so the manifest does not depend on the number of
-    ranks."""
+    Under torchrun, embedding is split over ranks by shard, the duplicate and near-test searches by query rows and
+    level-0 k-means by rows; every other step is deterministic and repeated on each rank, so the manifest does not
+    depend on the number of ranks. Each finished stage is saved under `stages/`, so a rerun resumes."""
     out = Path(out_dir)
     rank, _ = distributed.rank_world_or_env()
     pool = _embed(str(cfg.pool), out / "embeddings" / "pool", cfg)
@@ -86,18 +126,35 @@ def run_pipeline(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     }
     report["curated_unreadable"] = {n: len(s.skipped) for n, s in curated.items()}
 
-    dd = dedup(pool.shards, cfg.dedup.threshold, cfg.dedup.k, cfg.dedup.index, cfg.gpu)
+    d = cfg.dedup
+    memory = None if d.memory_gb is None else int(d.memory_gb * 2**30)
+    plan = plan_index(len(pool), dim(pool.shards), d.index, memory, d.nlist, d.nprobe)
+    eprint(f"dedup index: {plan.as_dict()}")
+    pool_key = {"pool": pool.paths, "shards": [int(s.shape[0]) for s in pool.shards]}
+    dedup_key = {**pool_key, "threshold": d.threshold, "plan": plan.as_dict(), "seed": cfg.seed}
+
+    def run_dedup() -> dict[str, np.ndarray]:
+        dd = dedup(pool.shards, d.threshold, plan, cfg.gpu, cfg.seed)
+        return {"keep": dd.keep, "component": dd.component, "pairs": dd.pairs, "similarity": dd.similarity}
+
+    dd = DedupResult(**_stage(out, "dedup", dedup_key, run_dedup), plan=plan)
     keep = dd.keep
     report["dedup"] = {
-        "threshold": cfg.dedup.threshold,
+        "threshold": d.threshold,
+        "index": plan.as_dict(),
         "pairs": len(dd.pairs),
         "removed": len(dd.removed),
         "kept": len(keep),
     }
-    near_test = np.zeros(len(keep), bool)
-    kept_vectors = take_rows(pool.shards, keep) if tests else None
-    for t in tests:
-        near_test |= near_reference(kept_vectors, t.shards, cfg.dedup.test_threshold, gpu=cfg.gpu)[0]
+
+    def run_near_test() -> dict[str, np.ndarray]:
+        near = np.zeros(len(pool), bool)
+        for t in tests:
+            near |= near_reference(pool.shards, t.shards, d.test_threshold, gpu=cfg.gpu)[0]
+        return {"near": near}
+
+    test_key = {**pool_key, "tests": [t.paths for t in tests], "threshold": d.test_threshold}
+    near_test = _stage(out, "near_test", test_key, run_near_test)["near"][keep]
     report["test_near_duplicates_removed"] = int(near_test.sum())
     clean = keep[~near_test]
     if len(clean) == 0:
@@ -105,18 +162,27 @@ def run_pipeline(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     x = take_rows(pool.shards, clean)
 
     hier: Hierarchy | None = None
-    if cfg.cluster.levels:
-        levels = [min(int(k), len(clean)) for k in cfg.cluster.levels]
-        hier = hierarchical_kmeans(
-            x,
-            levels,
-            cfg.cluster.niter,
-            cfg.cluster.resample_steps,
-            cfg.cluster.sample_sizes,
-            cfg.seed,
-            cfg.cluster.engine,
-            cfg.gpu,
-        )
+    settings = cluster_settings(cfg, len(clean))
+    if settings["levels"]:
+        report["cluster"] = settings
+        eprint(f"hierarchical k-means on {len(clean)} images: {settings}")
+        cluster_key = {"dedup": dedup_key, "near_test": test_key, **settings, "engine": cfg.cluster.engine}
+
+        def run_kmeans() -> dict[str, np.ndarray]:
+            s = settings
+            h = hierarchical_kmeans(
+                x,
+                s["levels"],
+                s["niter"],
+                s["resample_steps"],
+                s["sample_sizes"],
+                cfg.seed,
+                cfg.cluster.engine,
+                cfg.gpu,
+            )
+            return h.arrays()
+
+        hier = Hierarchy.from_arrays(_stage(out, "kmeans", cluster_key, run_kmeans))
     cluster_ids = hier.point_clusters() if hier is not None else None
 
     records: dict[int, dict[str, Any]] = {}

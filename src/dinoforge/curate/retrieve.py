@@ -32,9 +32,10 @@ def _best_per_row(rows: np.ndarray, sims: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def sample_based(pool: Data, curated: Data, k: int = 4, index_type: str = "flat", gpu: bool = False) -> Retrieved:
-    """The k nearest pool images (cosine) of every curated image; union, each with its best similarity."""
+    """The k nearest pool images (cosine) of every curated image; union, each with its best similarity. The pool's
+    index is planned by size like de-duplication's (`index_type`, default exact)."""
     _nonempty(pool, curated)
-    index = build_index(pool, index_type, gpu=gpu)
+    index = build_index(pool, index_type, gpu=gpu).index
     rows, sims = [], []
     for _, q in iter_batches(curated, 16384):
         dd, ii = index.search(normalize(q), min(k, num_rows(pool)))
