@@ -46,7 +46,6 @@ class ConfigSchema:
     free_sections: frozenset[str] = frozenset()  # dotted sections whose keys the user names (curation's `curated`)
     rules: Mapping[str, Rule] = field(default_factory=dict)  # dotted key -> its type rule, instead of the default's
     empty_sections_keep_defaults: bool = False  # a section given as null (`dedup:` alone) changes nothing
-    overridden_keys: str | None = None  # a list key that gets the dotted keys set by the command-line overrides
 
 
 def _unknown_keys(user: DictConfig, default: DictConfig, free: frozenset[str], prefix: str = "") -> list[str]:
@@ -171,15 +170,6 @@ def nullable(kind: type) -> Rule:
     return rule
 
 
-def _dotted_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
-    """The leaf keys of a nested config as dotted paths (`teacher.teacher_temp`)."""
-    keys = []
-    for k in cfg:
-        node = cfg._get_node(k)
-        keys += _dotted_keys(node, f"{prefix}{k}.") if isinstance(node, DictConfig) else [f"{prefix}{k}"]
-    return keys
-
-
 def _load_file(config: str | Path) -> DictConfig:
     if str(config) in PRESETS:
         return _package_yaml(str(config))
@@ -209,7 +199,6 @@ TRAINING = ConfigSchema(
         "student.layerscale": nullable(float),
         "train.sequence_packing": nullable(bool),
     },
-    overridden_keys="train.recipe_keep",
 )
 
 
@@ -227,9 +216,6 @@ def load_config(
         dot = parse_overrides(overrides, schema.override_name)
         _check(dot, defaults, "command-line overrides", schema)  # against the defaults, not the file's values
         cfg = OmegaConf.merge(cfg, dot)
-        if schema.overridden_keys:
-            given = set(OmegaConf.select(cfg, schema.overridden_keys) or [])
-            OmegaConf.update(cfg, schema.overridden_keys, sorted(given | set(_dotted_keys(dot))), merge=False)
     try:  # a `${...}` interpolation that points nowhere fails now, not mid-run
         OmegaConf.to_container(cfg, resolve=True)
     except InterpolationResolutionError as e:

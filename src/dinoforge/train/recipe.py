@@ -34,8 +34,7 @@ def resolve_recipe(cfg: DictConfig, n_images: int, world: int = 1) -> dict[str, 
     small: one epoch is one pass over the data (`train.OFFICIAL_EPOCH_LENGTH`), the teacher's EMA starts with a
     time constant of EMA_HORIZON of the run and anneals to 1, the teacher temperature is TEACHER_TEMP with no
     warm-up, LayerScale starts at LAYERSCALE, the blur sigma range scales with the global crop size (that of the
-    high-res phase with its own), and both heads get `prototypes_for(2 · global batch)` prototypes. Keys listed in
-    `train.recipe_keep` (every key set on the command line is) keep their given value.
+    high-res phase with its own), and both heads get `prototypes_for(2 · global batch)` prototypes.
     """
     recipe = cfg.train.recipe
     if recipe not in RECIPES:
@@ -60,7 +59,6 @@ def resolve_recipe(cfg: DictConfig, n_images: int, world: int = 1) -> dict[str, 
     }
     if cfg.crops.highres.iterations:
         values["crops.highres.blur_sigma_scale"] = round(cfg.crops.highres.global_crops_size / BLUR_SIGMA_CROP, 4)
-    values = {k: v for k, v in values.items() if k not in set(cfg.train.recipe_keep)}  # what the user set wins
     OmegaConf.set_struct(cfg, False)
     for key, value in values.items():
         OmegaConf.update(cfg, key, value)
