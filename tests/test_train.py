@@ -240,9 +240,9 @@ def test_train_writes_outputs_and_resume_is_exact(tmp_path, monkeypatch, one_thr
     assert_same_run(full, part)
 
 
-def interrupted_then_resumed(cfg, out: Path, monkeypatch, crash_at: int) -> None:
-    """Train `cfg()` into `out`, interrupted right after the checkpoint of iteration `crash_at`, then resumed with
-    --resume to the end."""
+def interrupted_then_resumed(cfg, out: Path, monkeypatch, crash_at: int, data: str = "bundled:train") -> None:
+    """Train `cfg()` on `data` into `out`, interrupted right after the checkpoint of iteration `crash_at`, then resumed
+    with --resume to the end."""
     from dinoforge.train import loop
 
     real = loop.save_training_state
@@ -255,9 +255,9 @@ def interrupted_then_resumed(cfg, out: Path, monkeypatch, crash_at: int) -> None
 
     monkeypatch.setattr(loop, "save_training_state", crash_after)
     with pytest.raises(KeyboardInterrupt):
-        loop.train(cfg(), out, data="bundled:train", quiet=True)
+        loop.train(cfg(), out, data=data, quiet=True)
     monkeypatch.setattr(loop, "save_training_state", real)
-    loop.train(cfg(), out, data="bundled:train", resume=True, quiet=True)
+    loop.train(cfg(), out, data=data, resume=True, quiet=True)
 
 
 def test_nan_loss_stops_naming_step_and_checkpoint(tmp_path, monkeypatch):
