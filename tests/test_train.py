@@ -196,6 +196,7 @@ RESUME_VARIANTS = {  # each resumes bit-identically; the last two draw stochasti
     "batched": ["crops.batched_augmentation=true"],
     "drop_path": ["crops.batched_augmentation=false", "student.drop_path_rate=0.3"],  # > 0.1: batch subsets
     "drop_path_workers": ["student.drop_path_rate=0.05", "train.num_workers=2"],  # ≤ 0.1: per-sample DropPath
+    "on_device": ["crops.batched_augmentation=true", "crops.augment_on_device=true", "train.num_workers=2"],
 }
 
 
@@ -217,8 +218,9 @@ def assert_same_run(a: Path, b: Path) -> None:
 @pytest.mark.parametrize("variant", list(RESUME_VARIANTS))
 def test_train_writes_outputs_and_resume_is_exact(tmp_path, monkeypatch, one_thread, variant):
     """Per-sample PIL augmentation and batched augmentation in the collate function (crops.batched_augmentation),
-    stochastic depth in both of its forms, and data-loading workers: interrupted after the checkpoint of iteration
-    3 and resumed, the run is bit-identical to an uninterrupted one."""
+    stochastic depth in both of its forms, data-loading workers, and the batched augmentation in the training
+    process (crops.augment_on_device, here on the CPU: bit-identical to the loader's): interrupted after the
+    checkpoint of iteration 3 and resumed, the run is bit-identical to an uninterrupted one."""
     from dinoforge.models.weights import load_backbone
     from dinoforge.train import loop
 
@@ -238,6 +240,10 @@ def test_train_writes_outputs_and_resume_is_exact(tmp_path, monkeypatch, one_thr
     part = tmp_path / "part"
     interrupted_then_resumed(cfg, part, monkeypatch, crash_at=3)
     assert_same_run(full, part)
+    if variant == "on_device":
+        loader_made = tmp_path / "loader"
+        loop.train(tiny_cfg(*RESUME_VARIANTS["batched"]), loader_made, data="bundled:train", quiet=True)
+        assert_same_run(full, loader_made)
 
 
 def interrupted_then_resumed(cfg, out: Path, monkeypatch, crash_at: int, data: str = "bundled:train") -> None:
