@@ -1,0 +1,92 @@
+"""A lost worker survived: `torchrun --max-restarts 1 ... train --resume` on CPU (gloo) over tar shards, one of the
+two workers SIGKILLed mid-run; torchrun restarts the group, which resumes from the last checkpoint, and the finished
+run equals an uninterrupted two-process run, metrics and teacher bit for bit."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_cli_errors import CLI_ENV
+from test_train import assert_same_run
+from test_train_cli import KILL_RUN, _logged_iterations
+
+from dinoforge.data.datasets import BundledDataset
+from dinoforge.data.pack import pack_shards
+from dinoforge.train.checkpoint import list_checkpoints, load_checkpoint
+
+
+def _torchrun(out: Path, spec: str, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        *extra,
+        "-m",
+        "dinoforge.cli",
+        "train",
+        "-c",
+        "demo",
+        "--data",
+        spec,
+        "-o",
+        str(out),
+        *KILL_RUN,
+        "train.batch_size_per_gpu=16",
+        "--resume",
+    ]
+
+
+def _worker(agent: int, local_rank: int) -> int | None:
+    """The pid of the torchrun agent's worker process with LOCAL_RANK `local_rank`, None before it started."""
+    for pid in os.listdir("/proc"):
+        try:
+            if not pid.isdigit() or int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) != agent:
+                continue
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:  # it ended meanwhile
+            continue
+        if f"LOCAL_RANK={local_rank}".encode() in environ:
+            return int(pid)
+    return None
+
+
+@pytest.mark.slow
+def test_a_worker_killed_under_torchrun_max_restarts_resumes_to_the_same_run(tmp_path):
+    spec = pack_shards(BundledDataset("val"), tmp_path / "shards", max_images=500)["spec"]
+    ref, part = tmp_path / "ref", tmp_path / "part"
+    r = subprocess.run(_torchrun(ref, spec), env=CLI_ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    kill_at = random.Random(time.time_ns()).randint(6, 18)  # past the checkpoint of iteration 5
+    proc = subprocess.Popen(
+        _torchrun(part, spec, "--max-restarts=1"), env=CLI_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while _logged_iterations(part) <= kill_at:
+            assert proc.poll() is None, f"the run ended before iteration {kill_at}: {proc.stderr.read()[-2000:]}"
+            assert time.monotonic() < deadline, f"timed out waiting for iteration {kill_at}"
+            time.sleep(0.02)
+        victim = _worker(proc.pid, 1)
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        newest = load_checkpoint(list_checkpoints(part / "checkpoints")[-1])["iteration"]
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stderr = stderr.decode()
+    assert proc.returncode == 0, (kill_at, stderr[-3000:])
+    assert 5 <= newest < kill_at + 1, (kill_at, newest)
+    assert f"resuming from {part / 'checkpoints'}" in stderr, (kill_at, stderr[-3000:])  # the restarted group
+    assert_same_run(ref, part)
