@@ -233,15 +233,18 @@ def loaders(args: argparse.Namespace) -> list[dict]:
     return [
         _line(
             {
-                "measurement": "images_per_s_on_device",
-                "path": name,
-                "device": torch.cuda.get_device_name(0),
-                "images_per_s": round(rate, 1),
-                "step_images_per_s": args.step_images_per_s,
-                "vs_step": round(rate / args.step_images_per_s, 2),
+                "measurement": "loader_images_per_s",
+                "work": work,
+                "images": len(jpegs),
+                "workers": args.workers,
+                "shard_images": args.shard_images,
+                "shards_images_per_s": round(rates[work, "shards"], 1),
+                "peer": "folder",
+                "folder_images_per_s": round(rates[work, "folder"], 1),
+                "ratio_vs_peer": round(rates[work, "shards"] / rates[work, "folder"], 3),
             }
         )
-        for name, rate in rates.items()
+        for work in ("decode", "read_only")
     ]
 
 

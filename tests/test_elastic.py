@@ -67,25 +67,28 @@ def test_a_worker_killed_under_torchrun_max_restarts_resumes_to_the_same_run(tmp
     assert r.returncode == 0, r.stderr[-3000:]
 
     kill_at = random.Random(time.time_ns()).randint(6, 18)  # past the checkpoint of iteration 5
-    proc = subprocess.Popen(
-        _torchrun(part, spec, "--max-restarts=1"), env=CLI_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+    log = tmp_path / "torchrun.log"  # a file, not a pipe: nobody reads a pipe while the run goes on
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(_torchrun(part, spec, "--max-restarts=1"), env=CLI_ENV, stdout=out, stderr=out)
     try:
         deadline = time.monotonic() + 240
         while _logged_iterations(part) <= kill_at:
-            assert proc.poll() is None, f"the run ended before iteration {kill_at}: {proc.stderr.read()[-2000:]}"
+            assert proc.poll() is None, f"the run ended before iteration {kill_at}: {log.read_text()[-2000:]}"
             assert time.monotonic() < deadline, f"timed out waiting for iteration {kill_at}"
             time.sleep(0.02)
         victim = _worker(proc.pid, 1)
         assert victim is not None
         os.kill(victim, signal.SIGKILL)
         newest = load_checkpoint(list_checkpoints(part / "checkpoints")[-1])["iteration"]
-        _, stderr = proc.communicate(timeout=300)
+        try:
+            proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the restarted run did not finish (kill at {kill_at}): {log.read_text()[-3000:]}")
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    stderr = stderr.decode()
+    stderr = log.read_text()
     assert proc.returncode == 0, (kill_at, stderr[-3000:])
     assert 5 <= newest < kill_at + 1, (kill_at, newest)
     assert f"resuming from {part / 'checkpoints'}" in stderr, (kill_at, stderr[-3000:])  # the restarted group
