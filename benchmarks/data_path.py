@@ -155,8 +155,6 @@ def per_core(args: argparse.Namespace, crops: dict) -> list[dict]:
 
 def on_device(args: argparse.Namespace, crops: dict) -> list[dict]:
     """The batched augmentation on the GPU (CPU decode, or nvJPEG decode) against the per-core CPU batched path."""
-    if not torch.cuda.is_available():
-        raise DinoforgeError(f"--device {args.device}: CUDA is not available")
     jpegs = make_jpegs(args.images, tuple(args.jpeg_size), seed=2)
     paths = {
         "batched_on_gpu_cpu_decode": batched_path(jpegs, crops, args.batch, args.device, gpu_decode=False),
@@ -268,6 +266,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="also write the records to this JSON file")
     args = ap.parse_args()
     crops = OFFICIAL | {"local_crops_size": args.local_crops_size}
+    if args.device != "cpu" and not torch.cuda.is_available():
+        raise DinoforgeError(f"--device {args.device}: CUDA is not available")
     if args.loaders:
         records = loaders(args)
     else:
