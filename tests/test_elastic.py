@@ -93,3 +93,36 @@ def test_a_worker_killed_under_torchrun_max_restarts_resumes_to_the_same_run(tmp
     assert 5 <= newest < kill_at + 1, (kill_at, newest)
     assert f"resuming from {part / 'checkpoints'}" in stderr, (kill_at, stderr[-3000:])  # the restarted group
     assert_same_run(ref, part)
+
+
+RESTARTED = """
+import os, signal, time
+import torch, torch.distributed as dist
+from dinoforge.distributed import init_from_env
+rank, restart = int(os.environ["RANK"]), int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+if restart == 1 and rank == 1:
+    time.sleep(5)  # the new rank 1 joins late: rank 0 must not take the dead rank 1's address from the store
+init_from_env("cpu")
+t = torch.ones(1)
+dist.all_reduce(t)
+print(f"attempt {restart} rank {rank} sum {t.item():.0f}", flush=True)
+if restart == 0:
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(60)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_restarted_workers_join_a_fresh_process_group(tmp_path):
+    """torchrun keeps one store across restarts: without a prefix per restart, the restarted rank 0 reads the killed
+    rank 1's gloo address and hangs connecting to it (what the kill test above met under load)."""
+    script = tmp_path / "restarted.py"
+    script.write_text(RESTARTED)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1"]
+    r = subprocess.run([*cmd, str(script)], env=CLI_ENV, capture_output=True, text=True, timeout=150)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(line for line in r.stdout.splitlines() if " sum " in line) == [
+        f"attempt {a} rank {k} sum 2" for a in (0, 1) for k in (0, 1)
+    ]
