@@ -1,6 +1,7 @@
 """A lost worker survived: `torchrun --max-restarts 1 ... train --resume` on CPU (gloo) over tar shards, one of the
 two workers SIGKILLed mid-run; torchrun restarts the group, which resumes from the last checkpoint, and the finished
-run equals an uninterrupted two-process run, metrics and teacher bit for bit."""
+run equals an uninterrupted two-process run, metrics and teacher bit for bit; and restarted workers join a fresh
+process group (not the dead workers' addresses left in torchrun's store)."""
 
 from __future__ import annotations
 
