@@ -86,7 +86,9 @@ def test_a_worker_killed_under_torchrun_max_restarts_resumes_to_the_same_run(tmp
         except subprocess.TimeoutExpired:
             pytest.fail(f"the restarted run did not finish (kill at {kill_at}): {log.read_text()[-3000:]}")
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # a hung run: its workers first, or they outlive their agent
+            for pid in filter(None, (_worker(proc.pid, rank) for rank in (0, 1))):
+                os.kill(pid, signal.SIGKILL)
             proc.kill()
             proc.wait()
     stderr = log.read_text()
