@@ -60,6 +60,15 @@ def _worker(agent: int, local_rank: int) -> int | None:
     return None
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    """Kill a torchrun that has not ended, its workers first (they run in their own sessions and would outlive it)."""
+    if proc.poll() is None:
+        for pid in filter(None, (_worker(proc.pid, rank) for rank in (0, 1))):
+            os.kill(pid, signal.SIGKILL)
+        proc.kill()
+        proc.wait()
+
+
 @pytest.mark.slow
 def test_a_worker_killed_under_torchrun_max_restarts_resumes_to_the_same_run(tmp_path):
     spec = pack_shards(BundledDataset("val"), tmp_path / "shards", max_images=500)["spec"]
@@ -86,11 +95,7 @@ def test_a_worker_killed_under_torchrun_max_restarts_resumes_to_the_same_run(tmp
         except subprocess.TimeoutExpired:
             pytest.fail(f"the restarted run did not finish (kill at {kill_at}): {log.read_text()[-3000:]}")
     finally:
-        if proc.poll() is None:  # a hung run: its workers first, or they outlive their agent
-            for pid in filter(None, (_worker(proc.pid, rank) for rank in (0, 1))):
-                os.kill(pid, signal.SIGKILL)
-            proc.kill()
-            proc.wait()
+        _stop(proc)
     stderr = log.read_text()
     assert proc.returncode == 0, (kill_at, stderr[-3000:])
     assert 5 <= newest < kill_at + 1, (kill_at, newest)
@@ -124,8 +129,16 @@ def test_restarted_workers_join_a_fresh_process_group(tmp_path):
     script = tmp_path / "restarted.py"
     script.write_text(RESTARTED)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1"]
-    r = subprocess.run([*cmd, str(script)], env=CLI_ENV, capture_output=True, text=True, timeout=150)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert sorted(line for line in r.stdout.splitlines() if " sum " in line) == [
+    log = tmp_path / "torchrun.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([*cmd, str(script)], env=CLI_ENV, stdout=out, stderr=out)
+    try:
+        proc.wait(timeout=150)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the restarted workers hung: {log.read_text()[-3000:]}")
+    finally:
+        _stop(proc)
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    assert sorted(line for line in log.read_text().splitlines() if " sum " in line) == [
         f"attempt {a} rank {k} sum 2" for a in (0, 1) for k in (0, 1)
     ]
