@@ -178,7 +178,7 @@ def on_device(args: argparse.Namespace, crops: dict) -> list[dict]:
     ]
 
 
-class _Bytes(torch.utils.data.Dataset):
+class Encoded(torch.utils.data.Dataset):
     """The encoded bytes of a folder's or shards' items: a file read (open, read, close) or one positioned read."""
 
     def __init__(self, dataset) -> None:
@@ -206,8 +206,8 @@ def loaders(args: argparse.Namespace) -> list[dict]:
         datasets = {
             ("decode", "folder"): build_dataset(folder, transform=to_uint8_tensor),
             ("decode", "shards"): build_dataset(spec, transform=to_uint8_tensor),
-            ("read_only", "folder"): _Bytes(build_dataset(folder)),
-            ("read_only", "shards"): _Bytes(build_dataset(spec)),
+            ("read_only", "folder"): Encoded(build_dataset(folder)),
+            ("read_only", "shards"): Encoded(build_dataset(spec)),
         }
         order = torch.randperm(len(jpegs), generator=torch.Generator().manual_seed(0)).tolist()
 

@@ -502,7 +502,7 @@ def run_data_path(plan: dict, rec: Recorder, device: torch.device) -> None:
         for name, (transform, to_images) in decoders.items():
             dataset = build_dataset(spec, transform=transform)
             if transform is None:
-                dataset = _Encoded(dataset)
+                dataset = data_path.Encoded(dataset)
 
             def measure(dataset=dataset, to_images=to_images) -> dict:
                 def epoch() -> int:
@@ -529,19 +529,6 @@ def run_data_path(plan: dict, rec: Recorder, device: torch.device) -> None:
             rec.attempt({"path": name}, measure)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-class _Encoded(torch.utils.data.Dataset):
-    """A shard dataset's items as their encoded bytes (for decoding on the GPU)."""
-
-    def __init__(self, shards) -> None:
-        self.shards = shards
-
-    def __len__(self) -> int:
-        return len(self.shards)
-
-    def __getitem__(self, index: int) -> bytes:
-        return self.shards.read_bytes(index)
 
 
 def _images(batch: list) -> list:
