@@ -1,5 +1,6 @@
-"""GPU check (issue 15): backbone parity on the device, the training step against lightly, training variants and a
-short real run with resume, in one command of at most ~8 minutes, results in one JSON file and a printed table.
+"""GPU check (issue 15): backbone parity on the device, the training step against lightly, training variants, a
+short real run with resume, and the data path (shard loaders + the batched augmentation on the device, against the
+training step's images/s), in one command of at most ~9 minutes, results in one JSON file and a printed table.
 
     python benchmarks/gpu_check.py            # --full when CUDA is present, else --smoke (and says so)
     python benchmarks/gpu_check.py --smoke    # tiny models, every code path, no meaningful timing (CPU, seconds)
@@ -37,9 +38,10 @@ HERE = Path(__file__).resolve().parent
 # Dense bf16 tensor-core peak (FLOP/s) by device-name fragment, first match wins (NVIDIA data sheets, SXM parts).
 PEAK_BF16 = (("H200", 989.4e12), ("H100 PCIe", 756.0e12), ("H100", 989.4e12), ("A100", 312.0e12))
 TARGET_SPEED, TARGET_MEMORY = 1.5, 0.6  # dinoforge vs lightly: images/s at least 1.5x, peak memory at most 0.6x
+TARGET_DATA_PATH = 1.5  # the data path's images/s at least 1.5x the ViT-L/14 training step's
 PARITY_TOL = 1e-4
 
-# What each mode runs. Budgets (seconds) sum to under 8 minutes on the full path.
+# What each mode runs. Budgets (seconds) sum to under 9 minutes on the full path.
 PLAN: dict[str, dict[str, dict]] = {
     "full": {
         "parity": dict(
@@ -51,6 +53,10 @@ PLAN: dict[str, dict[str, dict]] = {
         "real_run": dict(
             budget=95, preset="vits14", steps=200, checkpoint=100, batch=32, images=512, image_size=160, workers=10,
         ),
+        "data_path": dict(
+            budget=60, images=512, jpeg_size=(500, 375), batch=64, workers=min(8, os.cpu_count() or 1), rounds=2,
+            crops=dict(global_crops_size=224, local_crops_size=96, local_crops_number=8),
+        ),
     },
     "smoke": {
         "parity": dict(budget=60, models=["tiny"], registers=[0, 4], batch=1, sizes=[(28, 28), (56, 56), (42, 70)]),
@@ -60,6 +66,10 @@ PLAN: dict[str, dict[str, dict]] = {
             budget=90, preset="demo", steps=4, checkpoint=2, batch=4, images=16, image_size=32, workers=0,
             extra=["student.embed_dim=32", "student.depth=2", "student.num_heads=2", "dino.head_n_prototypes=64",
                    "ibot.head_n_prototypes=64", "dino.head_hidden_dim=32", "ibot.head_hidden_dim=32"],
+        ),
+        "data_path": dict(
+            budget=60, images=8, jpeg_size=(64, 48), batch=4, workers=0, rounds=1,
+            crops=dict(global_crops_size=32, local_crops_size=16, local_crops_number=2),
         ),
     },
 }  # fmt: skip
@@ -467,11 +477,92 @@ def run_real_run(plan: dict, rec: Recorder, device: torch.device) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def run_data_path(plan: dict, rec: Recorder, device: torch.device) -> None:
+    """Generated JPEGs packed into shards; loader workers read them (decoded to uint8 by PIL, or as bytes for nvJPEG)
+    and the batched multi-crop augmentation runs on the device: images/s of each, best of the rounds."""
+    sys.path.insert(0, str(HERE))
+    import data_path
+
+    from dinoforge.data.batch_augment import BatchAugmentationDINO, decode_jpegs, to_uint8_tensor
+    from dinoforge.data.datasets import build_dataset
+    from dinoforge.data.pack import pack_shards
+
+    work = Path(tempfile.mkdtemp(prefix="dinoforge-data-path-"))
+    try:
+        folder = work / "images"
+        folder.mkdir()
+        for i, data in enumerate(data_path.make_jpegs(plan["images"], plan["jpeg_size"])):
+            (folder / f"{i:06d}.jpg").write_bytes(data)
+        spec = pack_shards(build_dataset(folder), work / "shards", max_images=max(1, plan["images"] // 4))["spec"]
+        augment = BatchAugmentationDINO(**plan["crops"], device=device)
+        decoders = {  # what a loader worker returns per image, and how the batch becomes uint8 images on the device
+            "pil_decode_in_workers": (to_uint8_tensor, lambda batch: batch),
+            "decode_jpeg_on_device": (None, lambda batch: decode_jpegs(batch, device)),
+        }
+        for name, (transform, to_images) in decoders.items():
+            dataset = build_dataset(spec, transform=transform)
+            if transform is None:
+                dataset = data_path.Encoded(dataset)
+
+            def measure(dataset=dataset, to_images=to_images) -> dict:
+                def epoch() -> int:
+                    loader = torch.utils.data.DataLoader(
+                        dataset, batch_size=plan["batch"], num_workers=plan["workers"], collate_fn=_images
+                    )
+                    n = 0
+                    for batch in loader:
+                        generators = [torch.Generator().manual_seed(n + i) for i in range(len(batch))]
+                        augment(to_images(batch), generators)
+                        n += len(batch)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    return n
+
+                epoch()  # warm-up: workers' first imports, cuDNN/nvJPEG set-up
+                return {
+                    "images_per_s": data_path._best_rate(epoch, plan["rounds"]),
+                    "images": plan["images"],
+                    "workers": plan["workers"],
+                    "crops": plan["crops"],
+                }
+
+            rec.attempt({"path": name}, measure)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _images(batch: list) -> list:
+    """Collate to a list: images of different sizes, or encoded bytes (item 0 of a (image, label, index) sample)."""
+    return [b[0] if isinstance(b, tuple) else b for b in batch]
+
+
+def data_path_vs_step(report: dict) -> dict | None:
+    """The data path's best images/s over the training step's (ViT-L/14 when measured, else the last model), from
+    the two sections of one run; None when either is missing."""
+    steps = [r for r in report["sections"].get("train_step", {}).get("results", []) if "error" not in r]
+    paths = [r for r in report["sections"].get("data_path", {}).get("results", []) if "error" not in r]
+    if not steps or not paths:
+        return None
+    step = next((r for r in steps if r["model"] == "vitl14_full"), steps[-1])
+    step_rate = step["measurements"]["dinoforge"]["img_per_s"]
+    best = max(paths, key=lambda r: r["images_per_s"])
+    ratio = best["images_per_s"] / step_rate
+    return {
+        "model": step["model"],
+        "step_images_per_s": step_rate,
+        "data_path": best["path"],
+        "data_path_images_per_s": best["images_per_s"],
+        "ratio": ratio,
+        "target_met": ratio >= TARGET_DATA_PATH,
+    }
+
+
 RUNNERS: dict[str, Callable[[dict, Recorder, torch.device], None]] = {
     "parity": run_parity,
     "train_step": run_train_step,
     "variants": run_variants,
     "real_run": run_real_run,
+    "data_path": run_data_path,
 }
 
 
@@ -551,6 +642,12 @@ def _summary(name: str, section: dict) -> str:
         if "resume" in got:
             out.append(f"resume bit-exact: {got['resume']['bit_exact']}")
         return "; ".join(out)
+    if name == "data_path":
+        out = [f"{r['path']} {r['images_per_s']:.0f} img/s" for r in rows]
+        vs = section.get("vs_train_step")
+        if vs:
+            out.append(f"{vs['ratio']:.2f}x the {vs['model']} step ({vs['step_images_per_s']:.0f} img/s)")
+        return "; ".join(out)
     return ""
 
 
@@ -561,7 +658,9 @@ def print_table(report: dict) -> None:
         print(f"{name:<12} {section['status'][:28]:<28} {section['seconds']:>8.1f}  {_summary(name, section)}")
         for r in section.get("results", []):
             if "error" in r:
-                what = " ".join(f"{k}={r[k]}" for k in ("model", "registers", "size", "variant", "part") if k in r)
+                what = " ".join(
+                    f"{k}={r[k]}" for k in ("model", "registers", "size", "variant", "part", "path") if k in r
+                )
                 print(f"{'':<12} error ({what}): {r['error'][:160]}")
 
 
@@ -600,6 +699,8 @@ def main() -> int:
     for name in names:
         print(f"[gpu-check] {name} (budget {PLAN[run_mode][name]['budget']} s)", flush=True)
         report["sections"][name] = _run_section(name, run_mode, args.out)
+        if name == "data_path":
+            report["sections"][name]["vs_train_step"] = data_path_vs_step(report)
         args.out.write_text(json.dumps(report, indent=1, default=float))
     print_table(report)
     print(f"\nresults: {args.out}")

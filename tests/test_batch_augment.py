@@ -196,14 +196,22 @@ def _reference_crop(image: torch.Tensor, plan, r: int, size: int) -> torch.Tenso
     return TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
 
 
-def test_output_matches_a_crop_by_crop_torchvision_reference():
+DEVICES = [None, "cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # None: where the images are
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_output_matches_a_crop_by_crop_torchvision_reference(device):
     """Images of three sizes in one batch; rows are crop-major (row r is a crop of image r mod B) and every op
-    of the plan is applied as torchvision would, in the plan's jitter order (1e-4 after normalisation)."""
+    of the plan is applied as torchvision would, in the plan's jitter order (1e-4 after normalisation; 1e-3 on a
+    GPU). With a `device`, the crops are made there (the training device) from the CPU's uint8 images."""
     images = [_image(32, 32, 0), _image(40, 28, 1), _image(20, 50, 2)] * 8
     aug = BatchAugmentationDINO(
-        (0.32, 1.0), (0.05, 0.32), local_crops_number=2, global_crops_size=16, local_crops_size=8
+        (0.32, 1.0), (0.05, 0.32), local_crops_number=2, global_crops_size=16, local_crops_size=8, device=device
     )
     global_crops, local_crops = aug(images, torch.Generator().manual_seed(3))
+    assert global_crops.device.type == local_crops.device.type == (device or "cpu")
+    global_crops, local_crops = global_crops.cpu(), local_crops.cpu()
+    tol = 1e-3 if device == "cuda" else 1e-4
     global_plan, local_plan = aug.plan(_sizes(images), torch.Generator().manual_seed(3))
     assert global_crops.shape == (48, 3, 16, 16) and local_crops.shape == (48, 3, 8, 8)
     assert global_crops.dtype == local_crops.dtype == torch.float32
@@ -212,7 +220,7 @@ def test_output_matches_a_crop_by_crop_torchvision_reference():
             assert flags.any() and not flags.all()
         for r in range(crops.shape[0]):
             ref = _reference_crop(images[r % len(images)], plan, r, size)
-            assert (crops[r] - ref).abs().max().item() <= 1e-4, r
+            assert (crops[r] - ref).abs().max().item() <= tol, r
     assert global_plan.solarize.any()
 
 
@@ -267,3 +275,16 @@ def test_seeded_collate_augments_the_batch_and_counts_skipped_samples():
     assert torch.equal(batch["collated_local_crops"], local_crops)
     assert batch["collated_masks"].shape == (4, 16) and batch["collated_masks"].any()
     assert collate([(None, 1), (None, 2)]) == {"skipped": [1, 2]}
+
+    # on the training device: the loader's call only gathers the uint8 images, `finish` makes the same batch
+    on_device = SeededCollate(
+        masking, BatchAugmentationDINO(local_crops_number=2, global_crops_size=16, local_crops_size=8, device="cpu")
+    )
+    gathered = on_device([(images[0], 11), (None, 5), (images[1], 22), (None, 3)])
+    assert gathered.keys() == {"samples", "skipped"} and gathered["skipped"] == [5, 3]
+    assert all(image.dtype == torch.uint8 for image, _ in gathered["samples"])
+    finished = on_device.finish(gathered)
+    assert finished.keys() == batch.keys()
+    for key, value in batch.items():
+        assert torch.equal(finished[key], value) if torch.is_tensor(value) else finished[key] == value, key
+    assert collate.finish(batch) is batch  # a batch the loader collated passes through

@@ -144,3 +144,28 @@ def test_embed_resume_with_another_model_is_one_line_error(tmp_path):
     )  # fmt: skip
     assert_one_line_error(r, "holds embeddings from another model", "model=pixel", "model=dinov2_vits14")
     assert sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "emb").iterdir()) == before  # untouched
+
+
+def test_run_writes_the_kept_set_as_shards(tmp_path, monkeypatch):
+    """`curate run --shards`: OUT/shards holds the manifest's images, in its order, with their provenance."""
+    from test_curate_pipeline import _make_sets, _overrides
+
+    from dinoforge.data.datasets import build_dataset
+
+    monkeypatch.setenv("DINOFORGE_NO_PROGRESS", "1")
+    _make_sets(tmp_path)
+    (tmp_path / "cfg.yaml").write_text("seed: 0\n")
+    out = tmp_path / "out"
+    invoke("run", "--config", tmp_path / "cfg.yaml", "--out", out, "--shards", "--max-images", 30,
+           *_overrides(tmp_path, tmp_path / "pool"))  # fmt: skip
+    kept = FileListDataset(out / "manifest.jsonl")
+    pack = json.loads((out / "shards" / "pack.json").read_text())
+    assert pack["images"] == len(kept) and pack["shards"] == -(-len(kept) // 30)
+    shards = build_dataset(pack["spec"])
+    assert [str(p) for p in shards.paths] == [str(p) for p in kept.paths]
+    first = shards[0][0]
+    assert np.array_equal(np.asarray(first), np.asarray(Image.open(kept.paths[0]).convert("RGB")))
+    import webdataset as wds
+
+    metas = [json.loads(s["json"]) for s in wds.WebDataset(pack["spec"], shardshuffle=False)]
+    assert [m["source"] for m in metas] == [r["source"] for r in kept.records]

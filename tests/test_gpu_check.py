@@ -39,7 +39,7 @@ def test_gpu_check_smoke_writes_every_section(tmp_path):
     report = json.loads(out.read_text())
     assert report["mode"] == "smoke"
     sections = report["sections"]
-    assert list(sections) == ["parity", "train_step", "variants", "real_run"]
+    assert list(sections) == ["parity", "train_step", "variants", "real_run", "data_path"]
     for name, section in sections.items():
         assert section["status"] == "ok", (name, section)
         assert section["results"] and not any("error" in r for r in section["results"]), name
@@ -54,4 +54,9 @@ def test_gpu_check_smoke_writes_every_section(tmp_path):
     assert {"default", "fsdp2_one_process", "foreach_adamw", "activation_checkpointing", "compile_eager"} <= variants
     run = {r["part"]: r for r in sections["real_run"]["results"]}
     assert run["train"]["losses_finite"] and run["resume"]["bit_exact"] and run["resume"]["losses_equal"]
-    assert "parity" in proc.stdout and "real_run" in proc.stdout  # the printed table
+    paths = {r["path"]: r for r in sections["data_path"]["results"]}
+    assert paths.keys() == {"pil_decode_in_workers", "decode_jpeg_on_device"}
+    assert all(r["images_per_s"] > 0 for r in paths.values())
+    vs = sections["data_path"]["vs_train_step"]
+    assert vs["model"] == "demo" and vs["ratio"] == pytest.approx(vs["data_path_images_per_s"] / step["img_per_s"])
+    assert "parity" in proc.stdout and "data_path" in proc.stdout  # the printed table

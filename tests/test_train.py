@@ -197,6 +197,7 @@ RESUME_VARIANTS = {  # each resumes bit-identically; the last two draw stochasti
     "batched": ["crops.batched_augmentation=true"],
     "drop_path": ["crops.batched_augmentation=false", "student.drop_path_rate=0.3"],  # > 0.1: batch subsets
     "drop_path_workers": ["student.drop_path_rate=0.05", "train.num_workers=2"],  # ≤ 0.1: per-sample DropPath
+    "on_device": ["crops.batched_augmentation=true", "crops.augment_on_device=true", "train.num_workers=2"],
 }
 
 
@@ -218,8 +219,9 @@ def assert_same_run(a: Path, b: Path) -> None:
 @pytest.mark.parametrize("variant", list(RESUME_VARIANTS))
 def test_train_writes_outputs_and_resume_is_exact(tmp_path, monkeypatch, one_thread, variant):
     """Per-sample PIL augmentation and batched augmentation in the collate function (crops.batched_augmentation),
-    stochastic depth in both of its forms, and data-loading workers: interrupted after the checkpoint of iteration
-    3 and resumed, the run is bit-identical to an uninterrupted one."""
+    stochastic depth in both of its forms, data-loading workers, and the batched augmentation in the training
+    process (crops.augment_on_device, here on the CPU: bit-identical to the loader's): interrupted after the
+    checkpoint of iteration 3 and resumed, the run is bit-identical to an uninterrupted one."""
     from dinoforge.models.weights import load_backbone
     from dinoforge.train import loop
 
@@ -239,11 +241,15 @@ def test_train_writes_outputs_and_resume_is_exact(tmp_path, monkeypatch, one_thr
     part = tmp_path / "part"
     interrupted_then_resumed(cfg, part, monkeypatch, crash_at=3)
     assert_same_run(full, part)
+    if variant == "on_device":
+        loader_made = tmp_path / "loader"
+        loop.train(tiny_cfg(*RESUME_VARIANTS["batched"]), loader_made, data="bundled:train", quiet=True)
+        assert_same_run(full, loader_made)
 
 
-def interrupted_then_resumed(cfg, out: Path, monkeypatch, crash_at: int) -> None:
-    """Train `cfg()` into `out`, interrupted right after the checkpoint of iteration `crash_at`, then resumed with
-    --resume to the end."""
+def interrupted_then_resumed(cfg, out: Path, monkeypatch, crash_at: int, data: str = "bundled:train") -> None:
+    """Train `cfg()` on `data` into `out`, interrupted right after the checkpoint of iteration `crash_at`, then resumed
+    with --resume to the end."""
     from dinoforge.train import loop
 
     real = loop.save_training_state
@@ -256,9 +262,9 @@ def interrupted_then_resumed(cfg, out: Path, monkeypatch, crash_at: int) -> None
 
     monkeypatch.setattr(loop, "save_training_state", crash_after)
     with pytest.raises(KeyboardInterrupt):
-        loop.train(cfg(), out, data="bundled:train", quiet=True)
+        loop.train(cfg(), out, data=data, quiet=True)
     monkeypatch.setattr(loop, "save_training_state", real)
-    loop.train(cfg(), out, data="bundled:train", resume=True, quiet=True)
+    loop.train(cfg(), out, data=data, resume=True, quiet=True)
 
 
 def test_nan_loss_stops_naming_step_and_checkpoint(tmp_path, monkeypatch):

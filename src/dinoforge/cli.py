@@ -11,6 +11,7 @@ import typer
 
 from dinoforge.cli_common import BatchOpt, DeviceOpt, ModelOpt, OutOpt, RandomInitOpt, WeightsOpt
 from dinoforge.curate.cli import app as curate_app
+from dinoforge.data.cli import app as data_app
 from dinoforge.eval.cli import app as eval_app
 from dinoforge.export.cli import app as export_app
 from dinoforge.models.weights import load_model
@@ -40,7 +41,11 @@ def demo_command(
 def embed_command(
     data: Annotated[
         str,
-        typer.Option("--data", "-d", help="Image folder (recursive), .txt/.csv/.jsonl list, or bundled[:train|:val]."),
+        typer.Option(
+            "--data",
+            "-d",
+            help="Image folder (recursive), .txt/.csv/.jsonl list, shards (s/{000000..000009}.tar) or bundled[:split].",
+        ),
     ],
     out: OutOpt,
     model: ModelOpt = None,
@@ -98,6 +103,7 @@ app.command("embed")(embed_command)
 app.add_typer(eval_app, name="eval")
 app.add_typer(viz_app, name="viz")
 app.add_typer(curate_app, name="curate")
+app.add_typer(data_app, name="data")
 app.add_typer(export_app, name="export")
 
 

@@ -53,8 +53,27 @@ def init_from_env(device: str | None = None) -> torch.device:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if launched_world_size() > 1 and not is_enabled():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        backend = "nccl" if use_cuda else "gloo"
+        store = _restart_store()
+        if store is None:
+            dist.init_process_group(backend=backend)
+        else:
+            rank_here, world = int(os.environ["RANK"]), launched_world_size()
+            dist.init_process_group(backend=backend, store=store, rank=rank_here, world_size=world)
     return torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+
+
+def _restart_store() -> dist.Store | None:
+    """torchrun's agent store with its keys under this restart's prefix, when torchrun restarted the workers
+    (--max-restarts); else None (the default env:// rendezvous).
+
+    The agent keeps one store across restarts, so a restarted worker would read the dead worker's gloo address (or
+    NCCL id) left there and hang connecting to it; a prefix per restart keeps each attempt's keys apart."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if restart == "0" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    return dist.PrefixStore(f"dinoforge/restart_{restart}", store)
 
 
 def shutdown() -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import typer
 
 from dinoforge.cli_common import BatchOpt, DeviceOpt, OutOpt, RandomInitOpt, WeightsOpt
+from dinoforge.data.cli import MaxImagesOpt, MaxMbOpt, pack_to
 from dinoforge.utils import DinoforgeError, write_json
 
 app = typer.Typer(
@@ -38,7 +39,10 @@ def _ints(text: str | None, what: str) -> list[int]:
 
 @app.command("embed")
 def embed_cmd(
-    data: Annotated[str, typer.Option("--data", "-d", help="Image folder, .txt/.csv/.jsonl list or bundled[:split].")],
+    data: Annotated[
+        str,
+        typer.Option("--data", "-d", help="Image folder, .txt/.csv/.jsonl list, shards (s/{0..9}.tar), bundled."),
+    ],
     out: OutOpt,
     model: Annotated[
         str,
@@ -302,12 +306,20 @@ def run_cmd(
     overrides: Annotated[
         list[str] | None, typer.Argument(help="key=value overrides, e.g. sample.target_size=500")
     ] = None,
+    shards: Annotated[
+        bool, typer.Option("--shards", help="Also pack the kept images into tar shards in OUT/shards (see data pack).")
+    ] = False,
+    max_images: MaxImagesOpt = 10000,
+    max_mb: MaxMbOpt = 1000.0,
 ) -> None:
-    """Run the whole pipeline from one config: manifest.jsonl (for `dinoforge train --data`) + report."""
+    """Run the whole pipeline from one config: manifest.jsonl (for `dinoforge train --data`) + report, and with
+    --shards the kept set as tar shards (OUT/shards/pack.json names their pattern)."""
     from dinoforge.curate.config import load_config
     from dinoforge.curate.pipeline import run_pipeline
-    from dinoforge.distributed import init_from_env
+    from dinoforge.distributed import init_from_env, is_main_process
 
     init_from_env()
     report = run_pipeline(load_config(config, overrides), out)
     typer.echo(f"manifest with {report['manifest_images']} images: {out / 'manifest.jsonl'}")
+    if shards and is_main_process():
+        pack_to(str(out / "manifest.jsonl"), out / "shards", max_images, max_mb)

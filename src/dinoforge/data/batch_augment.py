@@ -51,6 +51,15 @@ def to_uint8_tensor(image: Image.Image) -> Tensor:
     return TF.pil_to_tensor(image if image.mode == "RGB" else image.convert("RGB"))
 
 
+def decode_jpegs(data: Sequence[bytes], device: torch.device | str = "cpu") -> list[Tensor]:
+    """JPEG files' bytes → uint8 [3, H, W] RGB tensors decoded on `device`: torchvision's `decode_jpeg`, batched on
+    the GPU (nvJPEG) when `device` is CUDA, libjpeg on the CPU. RuntimeError when one does not decode."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    raw = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
+    return list(decode_jpeg(raw, mode=ImageReadMode.RGB, device=device))
+
+
 def crop_boxes(heights: Tensor, widths: Tensor, scale: tuple[float, float], u: Tensor) -> Tensor:
     """torchvision's `RandomResizedCrop.get_params` (ratio 3/4 to 4/3) for N crops at once → [N, 4] long boxes
     (top, left, height, width).
@@ -120,7 +129,7 @@ def adjust_hue(x: Tensor, factor: Tensor) -> Tensor:
     sextant = torch.where(
         maxc == r, (g - b) / div, torch.where(maxc == g, 2.0 + (b - r) / div, 4.0 + (r - g) / div)
     ) + 6.0 * factor.to(x.dtype).view(-1, 1, 1)
-    n = torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype).view(1, 3, 1, 1)
+    n = torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     k = torch.remainder(n + sextant.unsqueeze(1), 6.0)
     return maxc.unsqueeze(1) - chroma.unsqueeze(1) * torch.minimum(k, 4.0 - k).clamp(0, 1)
 
@@ -137,7 +146,8 @@ def gaussian_blur(x: Tensor, kernel_size: int, sigma: Tensor) -> Tensor:
     """torchvision's `gaussian_blur` (reflect padding) with one sigma per image of [N, C, H, W]: two 1-D passes as
     grouped convolutions, with augment.py's kernel."""
     n, c, h, w = x.shape
-    kernel = torch.from_numpy(gaussian_kernel(kernel_size, sigma.numpy())).to(x.dtype).repeat_interleave(c, 0)
+    kernel = torch.from_numpy(gaussian_kernel(kernel_size, sigma.cpu().numpy())).to(x.device, x.dtype)
+    kernel = kernel.repeat_interleave(c, 0)
     half = kernel_size // 2
     y = F.pad(x.reshape(1, n * c, h, w), (half, half, half, half), mode="reflect")
     y = F.conv2d(y, kernel.view(n * c, 1, 1, kernel_size), groups=n * c)
@@ -164,6 +174,11 @@ class CropPlan:
     sigma: Tensor  # [N] float32: blur sigma
     solarize: Tensor  # [N] bool
 
+    def to(self, device: torch.device | str) -> CropPlan:
+        """The plan with its per-crop tensors on `device` (the boxes stay on the CPU: they are read crop by crop)."""
+        moved = {k: v if k == "boxes" else v.to(device) for k, v in vars(self).items()}
+        return CropPlan(**moved)
+
 
 class BatchAugmentationDINO:
     """uint8 [3, H, W] images (sizes may differ) → (global crops [2B, 3, g, g], local crops [n·B, 3, l, l]), float32,
@@ -174,6 +189,10 @@ class BatchAugmentationDINO:
     p 1.0 / 0.1 / 0.5 (inverted with `official_blur`), solarize p 0.2 on global crop 2. All randomness comes from
     the generator(s) passed in: one for the batch, or one per image (then an image's crops depend on its own
     generator only, whatever the batch it is in).
+
+    With a `device` (the training device), the images are moved there and the crops, photometric ops and
+    normalisation run there; the random draws stay on the CPU generators, so the crops do not depend on the device
+    beyond its arithmetic (on the CPU they are bit-identical to device=None's).
     """
 
     def __init__(
@@ -185,7 +204,9 @@ class BatchAugmentationDINO:
         local_crops_size: int = 96,
         official_blur: bool = False,
         blur_sigma_scale: float = 1.0,
+        device: torch.device | str | None = None,
     ) -> None:
+        self.device = None if device is None else torch.device(device)
         self.global_crops_scale, self.local_crops_scale = tuple(global_crops_scale), tuple(local_crops_scale)
         self.local_crops_number = local_crops_number
         self.global_crops_size, self.local_crops_size = global_crops_size, local_crops_size
@@ -248,7 +269,8 @@ class BatchAugmentationDINO:
         """Apply `plan` to float [3, H, W] `images` in [0, 1] (row r crops image r mod B) → [N, 3, size, size],
         normalised."""
         b = len(images)
-        x = torch.empty(plan.boxes.shape[0], 3, size, size)
+        plan = plan.to(images[0].device)
+        x = torch.empty(plan.boxes.shape[0], 3, size, size, device=images[0].device)
         for r, (top, left, h, w) in enumerate(plan.boxes.tolist()):
             crop = images[r % b][None, :, top : top + h, left : left + w]
             x[r] = F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0]
@@ -269,13 +291,14 @@ class BatchAugmentationDINO:
     def __call__(
         self, images: Sequence[Tensor], generator: torch.Generator | Sequence[torch.Generator]
     ) -> tuple[Tensor, Tensor]:
-        """The normalised global and local crops of `images`, drawn from `generator` (one, or one per image)."""
+        """The normalised global and local crops of `images`, drawn from `generator` (one, or one per image), on
+        `self.device` (default: the images' device)."""
         for im in images:
             if im.dtype != torch.uint8 or im.ndim != 3 or im.shape[0] != 3:
                 raise DinoforgeError(f"expected uint8 [3, H, W] images, got {im.dtype} {tuple(im.shape)}")
         sizes = torch.tensor([tuple(im.shape[1:]) for im in images], dtype=torch.long).view(-1, 2)
         global_plan, local_plan = self.plan(sizes, generator)
-        floats = [im.float().div_(255) for im in images]
+        floats = [im.to(self.device or im.device, non_blocking=True).float().div_(255) for im in images]
         return (
             self.render(floats, global_plan, self.global_crops_size),
             self.render(floats, local_plan, self.local_crops_size),

@@ -1,4 +1,9 @@
-"""Datasets: image folders, file lists (.txt/.csv/.jsonl), the bundled Fashion-MNIST subset, sample photos.
+"""Datasets: image folders, file lists (.txt/.csv/.jsonl), tar shards, the bundled Fashion-MNIST subset, sample photos.
+
+Tar shards are in the webdataset layout `data/pack.py` writes (`KEY.<image ext>`, `KEY.cls`, `KEY.json` per sample).
+`ShardDataset` reads them map-style through an index built once (one pass over each tar's headers: every image
+member's offset and size, and its json), so an image is one positioned read, and the training sampler, its
+per-sample seeds and exact resume work on shards as on folders: each image read once per epoch over ranks and workers.
 
 Every dataset returns `(image, label, index)` with label -1 when unknown, or None for an unreadable image so
 that one corrupt file never stops a run (`collate_skip_none` drops those samples from a batch).
@@ -7,8 +12,11 @@ that one corrupt file never stops a run (`collate_skip_none` drops those samples
 from __future__ import annotations
 
 import gzip
+import io
 import json
+import os
 import re
+import tarfile
 import warnings
 from collections.abc import Callable, Sequence
 from functools import lru_cache
@@ -16,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
@@ -82,8 +91,18 @@ def load_image(path: str | Path) -> Image.Image:
     """Open an image as 8-bit RGB (grey, 16-bit, RGBA and palette images converted).
 
     Raises CorruptImageError naming the file when it is missing, truncated or not an image."""
+    return _rgb(path, path)
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    """An encoded image (the bytes of an image file, e.g. a shard member) as 8-bit RGB, like `load_image`;
+    CorruptImageError naming `name` when the bytes do not decode."""
+    return _rgb(io.BytesIO(data), name)
+
+
+def _rgb(source: str | Path | io.BytesIO, name: str | Path) -> Image.Image:
     try:
-        with Image.open(path) as im, warnings.catch_warnings():
+        with Image.open(source) as im, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL's palette-transparency and EXIF warnings
             im.load()
             if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
@@ -95,7 +114,7 @@ def load_image(path: str | Path) -> Image.Image:
                 im = im.convert("RGBA")
             return im.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise CorruptImageError(f"cannot read image {path}: {e}") from None
+        raise CorruptImageError(f"cannot read image {name}: {e}") from None
 
 
 _BUNDLED_ITEM = re.compile(r"(bundled|bundled-full):(train|val)/(\d+)")
@@ -346,6 +365,112 @@ class BundledDataset(Dataset):
         return f"{'bundled-full' if self.full else 'bundled'}:{self.split}/{index}"
 
 
+def shard_files(spec: str | Path) -> list[Path] | None:
+    """The tar files a shard spec names (`shards/{000000..000099}.tar`, `a.tar`, `{a,b}.tar`), in order; None when
+    `spec` is not a shard spec (it does not end in .tar). A missing shard is an error naming it."""
+    s = str(spec)
+    if not s.endswith(".tar"):
+        return None
+    files = [Path(p) for p in braceexpand(s)]
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise DinoforgeError(f"shard not found: {missing[0]} ({len(missing)} of the {len(files)} shards of {s})")
+    return files
+
+
+def _sample_key(name: str) -> tuple[str, str]:
+    """(key, extension) of a tar member as webdataset splits it: the extension starts at the base name's first dot."""
+    folder, _, base = name.rpartition("/")
+    key, _, ext = base.partition(".")
+    return (f"{folder}/{key}" if folder else key), ext.lower()
+
+
+def _index_shard(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The samples of one shard in member order: {"offset", "size", "ext", "meta"} per sample with an image member;
+    plus the keys of samples without one (reported like non-image files in a folder)."""
+    samples: dict[str, dict[str, Any]] = {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = _sample_key(member.name)
+                sample = samples.setdefault(key, {"meta": {}})
+                if ext in ("json", "cls"):
+                    raw = tar.extractfile(member).read()
+                    try:
+                        value = json.loads(raw)
+                    except ValueError:
+                        continue  # an unreadable label: the image stays, unlabelled
+                    if ext == "cls" and isinstance(value, int):
+                        sample["meta"].setdefault("label", value)
+                    elif ext == "json" and isinstance(value, dict):
+                        sample["meta"] = value | {k: v for k, v in sample["meta"].items() if k not in value}
+                elif f".{ext.rpartition('.')[2]}" in IMAGE_EXTENSIONS:
+                    sample |= {"offset": member.offset_data, "size": member.size, "ext": ext}
+    except (OSError, tarfile.TarError) as e:
+        raise DinoforgeError(f"cannot read shard {path}: {e}") from None
+    kept = [dict(s, key=k) for k, s in samples.items() if "offset" in s]
+    return kept, [f"{path}:{k}" for k, s in samples.items() if "offset" not in s]
+
+
+class ShardDataset(_PathDataset):
+    """The images of tar shards (see the module doc), map-style: item i is the i-th sample of the shards in order.
+
+    `.paths` holds the original names the packer recorded (item names; never opened), `.labels` and `.classes`
+    what a folder, file list or bundled set of the same images gives: the packed class index when every class has
+    images, else class names indexed in sorted order (or by `classes`).
+    A member that does not decode comes back as None, like a corrupt file."""
+
+    def __init__(self, shards: Sequence[Path], transform: Transform = None, classes: Sequence[str] | None = None):
+        self.shards = [Path(s) for s in shards]
+        shard_of, offsets, sizes, exts, metas, self.ignored = [], [], [], [], [], []
+        for i, path in enumerate(self.shards):
+            samples, ignored = _index_shard(path)
+            self.ignored += ignored
+            for s in samples:
+                shard_of.append(i)
+                offsets.append(s["offset"])
+                sizes.append(s["size"])
+                exts.append(s["ext"])
+                metas.append(s["meta"] | {"path": s["meta"].get("path") or f"{path}:{s['key']}"})
+        self.shard_of = np.asarray(shard_of, dtype=np.int32)
+        self.offsets, self.sizes = np.asarray(offsets, dtype=np.int64), np.asarray(sizes, dtype=np.int64)
+        self.exts = exts
+        pairs = {(m.get("label"), str(m["class"])) for m in metas if m.get("class") is not None}
+        named = sorted({name for _, name in pairs})
+        if named:
+            packed = sorted(p for p in pairs if isinstance(p[0], int))
+            if classes is None and len(packed) == len(pairs) and [p[0] for p in packed] == list(range(len(named))):
+                classes = [name for _, name in packed]  # the packed index: one label per class, every class present
+            named = list(_check_classes(named, classes, self.shards[0]))
+            index = {c: i for i, c in enumerate(named)}
+            labels = [index[str(m["class"])] if m.get("class") is not None else -1 for m in metas]
+        else:
+            labels = [m["label"] if isinstance(m.get("label"), int) else -1 for m in metas]
+        super().__init__([Path(m["path"]) for m in metas], labels, transform)
+        self.classes = named
+        self._fds: dict[int, int] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__ | {"_fds": {}}  # loader workers open their own files
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_fds", {}).values():
+            os.close(fd)
+
+    def read_bytes(self, index: int) -> bytes:
+        """The encoded image of item `index`, as packed (one positioned read; the shard stays open)."""
+        shard = int(self.shard_of[index])
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = self._fds[shard] = os.open(self.shards[shard], os.O_RDONLY)
+        return os.pread(fd, int(self.sizes[index]), int(self.offsets[index]))
+
+    def _image(self, index: int):
+        return decode_image(self.read_bytes(index), self.item_name(index))
+
+
 def require_labels(labels: np.ndarray, spec: str, purpose: str) -> None:
     """One error line when `spec` holds unlabelled images (label -1) and `purpose` (e.g. "fine-tuning") needs labels."""
     if (np.asarray(labels) < 0).any():
@@ -385,14 +510,18 @@ def build_dataset(
     size: int = 32,
     classes: Sequence[str] | None = None,
 ) -> Dataset:
-    """Dataset from a spec: `bundled[:train|:val]`, `bundled-full[:split]`, an image folder or a
-    `.txt`/`.csv`/`.jsonl` manifest. With a `split`, a folder that has such a sub-folder is read there (the bundled
-    set defaults to train); without one, the whole folder tree. `size` applies to the bundled set; `classes` (e.g.
-    the train split's) fixes the label index of named classes, so train and val labels agree."""
+    """Dataset from a spec: `bundled[:train|:val]`, `bundled-full[:split]`, an image folder, a `.txt`/`.csv`/`.jsonl`
+    manifest or tar shards (`shards/{000000..000099}.tar`, read whole whatever the split). With a `split`, a folder
+    that has such a sub-folder is read there (the bundled set defaults to train); without one, the whole folder tree.
+    `size` applies to the bundled set; `classes` (e.g. the train split's) fixes the label index of named classes, so
+    train and val labels agree."""
     s = str(spec)
     name, _, sub = s.partition(":")
     if name in ("bundled", "bundled-full") and not Path(s).exists():
         return BundledDataset(sub or split or "train", transform=transform, size=size, full=name == "bundled-full")
+    shards = shard_files(s)
+    if shards is not None:
+        return ShardDataset(shards, transform, classes)
     p = Path(s)
     if p.is_dir():
         return ImageFolderDataset(p / split if split and (p / split).is_dir() else p, transform, classes)
@@ -400,7 +529,7 @@ def build_dataset(
         if p.suffix.lower() in MANIFEST_EXTENSIONS:
             return FileListDataset(p, transform, classes, size)
         raise DinoforgeError(f"not an image folder or a .txt/.csv/.jsonl file list: {p}")
-    raise DinoforgeError(f"data not found: {p} (give a folder, a file list, or 'bundled[:train|:val]')")
+    raise DinoforgeError(f"data not found: {p} (give a folder, a file list, shards.tar or 'bundled[:train|:val]')")
 
 
 SAMPLE_PHOTOS: tuple[str, ...] = (

@@ -24,7 +24,10 @@ from dinoforge.models.weights import load_model
 from dinoforge.utils import DinoforgeError, resolve_device
 
 TrainDataOpt = Annotated[
-    str, typer.Option("--train-data", help="Train images: bundled:train, an ImageFolder tree or a file list.")
+    str,
+    typer.Option(
+        "--train-data", help="Train images: bundled:train, an ImageFolder tree, a file list or shards (s/{0..9}.tar)."
+    ),
 ]
 ValDataOpt = Annotated[str, typer.Option("--val-data", help="Test images, same forms as --train-data.")]
 ImageSizeOpt = Annotated[

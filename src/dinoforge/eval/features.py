@@ -121,7 +121,7 @@ def dataset_features(
         raise DinoforgeError(f"no images found in {spec}")
     source = getattr(dataset, "root", None) or getattr(dataset, "manifest", None)
     data_id = data_id or (str(Path(source).resolve()) if source else f"{spec}|{split}")
-    files = _files_hash(getattr(dataset, "paths", []))  # the bundled set has no files: a constant
+    files = _files_hash(getattr(dataset, "shards", None) or getattr(dataset, "paths", []))  # bundled: a constant
     data_key = f"{data_id}|{len(dataset)}|{getattr(dataset, 'classes', [])}|{files}"
     key = feature_key(fingerprint, data_key, f"{transform!r}|{canvas}")
     dev = next(net.parameters()).device

@@ -41,7 +41,8 @@ def train_command(
         typer.Option(
             "--data",
             "-d",
-            help="Image folder, manifest (.txt/.csv/.jsonl) or bundled[:split]; default train.dataset_path.",
+            help="Image folder, manifest (.txt/.csv/.jsonl), shards (s/{000000..000009}.tar) or bundled[:split]; "
+            "default train.dataset_path.",
         ),
     ] = None,
     output_dir: Annotated[

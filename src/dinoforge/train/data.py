@@ -99,22 +99,33 @@ class SeededCollate:
     Without `augment`, samples are augmented crops and `collate(samples)` stacks and masks them. With `augment` (a
     `BatchAugmentationDINO`), samples are uint8 images, augmented here as one batch with a generator per image seeded
     by its (seed, step, position) key, so its crops do not depend on the batch or rank it lands in; then
-    `collate(global_crops, local_crops)` masks them.
+    `collate(global_crops, local_crops)` masks them. When that augmentation runs on a device (`augment.device`), the
+    loader's call only gathers the uint8 images ({"samples", "skipped"}: loader workers never touch the GPU) and
+    `finish` augments and masks them in the training process.
     """
 
     def __init__(self, collate: Callable, augment: Callable | None = None):
         self.collate, self.augment = collate, augment
+        self.deferred = getattr(augment, "device", None) is not None
 
-    def __call__(self, samples: list):
-        kept = [s for s in samples if s[0] is not None]
-        skipped = [index for image, index in samples if image is None]
+    def __call__(self, samples: list) -> dict:
+        batch = {
+            "samples": [s for s in samples if s[0] is not None],
+            "skipped": [index for image, index in samples if image is None],
+        }
+        return batch if self.deferred else self.finish(batch)
+
+    def finish(self, batch: dict) -> dict:
+        """The collated batch of what `__call__` gathered (a batch already collated is returned as it is)."""
+        if "samples" not in batch:
+            return batch
+        kept, skipped = batch["samples"], batch["skipped"]
         if not kept:
             return {"skipped": skipped}
         seed_everything(_mix(kept[0][1], len(kept)))
         if self.augment is None:
-            batch = self.collate([(crops, ()) for crops, _ in kept])
+            out = self.collate([(crops, ()) for crops, _ in kept])
         else:
             generators = [torch.Generator().manual_seed(seed) for _, seed in kept]
-            batch = self.collate(*self.augment([image for image, _ in kept], generators))
-        batch["skipped"] = skipped
-        return batch
+            out = self.collate(*self.augment([image for image, _ in kept], generators))
+        return out | {"skipped": skipped}

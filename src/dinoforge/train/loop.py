@@ -34,9 +34,16 @@ from dinoforge.utils import DinoforgeError, eprint, progress_enabled, write_json
 
 
 def _build_loader(
-    cfg: DictConfig, dataset: Dataset, start_iter: int, world: int, rank: int, phase: CropPhase | None = None
+    cfg: DictConfig,
+    dataset: Dataset,
+    start_iter: int,
+    world: int,
+    rank: int,
+    phase: CropPhase | None = None,
+    device: torch.device | None = None,
 ) -> DataLoader:
-    """The loader of iterations `start_iter` on at the crop sizes of `phase` (default: the base sizes)."""
+    """The loader of iterations `start_iter` on at the crop sizes of `phase` (default: the base sizes). With
+    crops.augment_on_device its batches are finished on `device` by `collate_fn.finish` (see SeededCollate)."""
     phase = phase or crop_phases(cfg)[0]
     g, p = phase.global_size, cfg.student.patch_size
     n_tokens = (g // p) ** 2
@@ -58,7 +65,10 @@ def _build_loader(
     }
     if cfg.crops.batched_augmentation:  # per sample only uint8 tensors; the augmentation runs on the whole batch
         transform = to_uint8_tensor
-        collate = SeededCollate(partial(mask_and_cast, **masking), BatchAugmentationDINO(*augment_args))
+        on_device = device if cfg.crops.augment_on_device else None
+        collate = SeededCollate(partial(mask_and_cast, **masking), BatchAugmentationDINO(*augment_args, on_device))
+    elif cfg.crops.augment_on_device:
+        raise DinoforgeError("crops.augment_on_device needs crops.batched_augmentation=true")
     else:
         transform = DataAugmentationDINO(*augment_args)
         collate = SeededCollate(partial(collate_data_and_cast, **masking))
@@ -210,7 +220,7 @@ def train(
             switch_resolution(model, optimizer, phase.global_size)
             say(f"iteration {phase.start}: {phase.global_size}/{phase.local_size} px crops, position embedding resized")
 
-    batches = _phase_batches(cfg, dataset, phases, start_iter, max_iter, world, rank, to_phase)
+    batches = _phase_batches(cfg, dataset, phases, start_iter, max_iter, world, rank, to_phase, device)
     log = MetricsLog(output_dir, start_iter, enabled=main)
     progress = Progress(max_iter, start_iter, enabled=main and not quiet and progress_enabled())
     monitor = StallMonitor(max_iter, cfg.train.recipe, warn=main and not quiet)
@@ -274,7 +284,9 @@ def train(
     return summary
 
 
-def _phase_batches(cfg, dataset, phases: list[CropPhase], start_iter: int, max_iter: int, world, rank, to_phase):
+def _phase_batches(
+    cfg, dataset, phases: list[CropPhase], start_iter: int, max_iter: int, world, rank, to_phase, device=None
+):
     """(iteration, batch) from `start_iter` to the end, one loader per crop phase; `to_phase(phase)` is called
     before the first batch of each phase run here (the switch to high resolution)."""
     ends = [p.start for p in phases[1:]] + [max_iter]
@@ -283,7 +295,8 @@ def _phase_batches(cfg, dataset, phases: list[CropPhase], start_iter: int, max_i
         if first >= end:
             continue
         to_phase(phase)
-        yield from zip(range(first, end), _build_loader(cfg, dataset, first, world, rank, phase), strict=False)
+        loader = _build_loader(cfg, dataset, first, world, rank, phase, device)
+        yield from zip(range(first, end), map(loader.collate_fn.finish, loader), strict=False)
 
 
 def _periodic_eval(model, it: int, output_dir: Path, sharded: bool, main: bool, device, log, evaluate) -> None:
