@@ -180,3 +180,38 @@ def test_optimizer_step_moves_student_and_its_ema_not_the_teacher(tmp_path):
     for k, v in exported.state_dict().items():
         assert torch.equal(v, ema_backbone[k]), k
     assert not torch.equal(exported.cls_token, model.student.backbone.cls_token)
+
+
+def test_heads_trained_on_a_frozen_backbone_make_a_distillation_teacher(tmp_path):
+    """The supervised-teacher route of scripts/distill_experiment.py: DINO/iBOT heads trained on a backbone file
+    (here a perturbed random one stands for the supervised backbone) with the backbone frozen for every iteration
+    leave the exported backbone bit-identical to the file, and their training checkpoint is a distillation teacher
+    made of that backbone and the trained heads."""
+    from safetensors.torch import load_file
+
+    from dinoforge.models.weights import build_backbone, save_backbone
+    from dinoforge.train import loop
+    from dinoforge.train.checkpoint import list_checkpoints, load_checkpoint
+    from dinoforge.train.meta_arch import backbone_kwargs, load_distillation_teacher
+
+    big = ["student.embed_dim=48", "student.depth=3", "student.num_heads=3", "student.layerscale=1.0"]
+    supervised = build_backbone(backbone_kwargs(tiny_cfg(*big)))
+    with torch.no_grad():
+        for p in supervised.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = save_backbone(supervised, tmp_path / "supervised.safetensors")
+    cfg = tiny_cfg(*big, f"student.pretrained_weights={path}", "train.freeze_backbone_iters=8")  # all 2 × 4 iterations
+    loop.train(cfg, tmp_path / "heads", "bundled:train", quiet=True)
+
+    want, got = load_file(path), load_file(tmp_path / "heads" / "teacher_backbone.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(got[k], v) for k, v in want.items())
+    first, *_, last = list_checkpoints(tmp_path / "heads" / "checkpoints")
+    first, last = load_checkpoint(first)["model"], load_checkpoint(last)["model"]
+    heads = [k for k in last if k.startswith("teacher.dino_head.")]
+    assert any(not torch.equal(first[k], last[k]) for k in heads)  # the teacher's heads learnt
+
+    teacher, _ = load_distillation_teacher(str(list_checkpoints(tmp_path / "heads" / "checkpoints")[-1]), 4)
+    for k, v in teacher.backbone.state_dict().items():
+        assert torch.equal(v, want[k]), k
+    for k, v in teacher.dino_head.state_dict().items():
+        assert torch.equal(v, last[f"teacher.dino_head.{k}"]), k

@@ -5,12 +5,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
-def test_supervised_reference_learns_in_a_few_steps():
+def test_supervised_reference_learns_in_a_few_steps(tmp_path):
+    from dinoforge.models.weights import build_backbone, load_backbone
+
+    saved = tmp_path / "supervised.safetensors"
     out = subprocess.run(
-        [sys.executable, str(SCRIPTS / "supervised_reference.py"), "--steps", "20", "--threads", "1"],
+        [sys.executable, str(SCRIPTS / "supervised_reference.py"), "--steps", "20", "--threads", "1"]
+        + ["--save", str(saved)],
         capture_output=True,
         text=True,
         check=True,
@@ -21,10 +28,27 @@ def test_supervised_reference_learns_in_a_few_steps():
     # figure); 20 labelled steps make it class-aware
     assert res["cls"] > 0.3
     assert out[1].startswith("demo preset: 156 steps of 128 images")
-
-
-def test_supervised_reference_rejects_non_positive_steps():
-    res = subprocess.run(
-        [sys.executable, str(SCRIPTS / "supervised_reference.py"), "--steps", "0"], capture_output=True, text=True
+    assert out[2] == f"supervised backbone (4 blocks, 128 wide): {saved}"
+    net = load_backbone(saved)
+    assert (net.arch["embed_dim"], net.arch["depth"], net.arch["patch_size"]) == (128, 4, 4)
+    torch.manual_seed(0)  # the demo's train.seed, which the script seeds before building its net
+    init = build_backbone(net.arch).state_dict()
+    trained = net.state_dict()
+    assert init.keys() == trained.keys() and not any(
+        torch.equal(init[k], trained[k]) for k in ("cls_token", "pos_embed")
     )
-    assert res.returncode == 2 and "--steps must be positive" in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--steps", "0"], "--steps must be positive"),
+        (["--embed-dim", "100", "--num-heads", "3"], "--embed-dim a multiple of --num-heads"),
+        (["--save", "backbone.pth"], "--save must name a .safetensors file"),
+    ],
+)
+def test_supervised_reference_rejects_bad_arguments(args, message):
+    res = subprocess.run(
+        [sys.executable, str(SCRIPTS / "supervised_reference.py"), *args], capture_output=True, text=True
+    )
+    assert res.returncode == 2 and message in res.stderr
