@@ -395,7 +395,7 @@ def plot(result: dict, path: Path) -> Path:
                 label=name if budget == next(iter(result["budgets"])) else None,
             )
     ax.axhline(result["raw_pixels"], color="k", ls="--", label="raw pixels")
-    ax.set_xlabel("training seconds (k-NN time excluded)")
+    ax.set_xlabel(f"training seconds, {result.get('clock', 'wall')} clock (k-NN time excluded)")
     ax.set_ylabel("k-NN top-1 (cosine 20-NN, CLS ⊕ mean patch)")
     ax.set_title("Learning per CPU-minute: demo ViT, bundled Fashion-MNIST 10k → 2k")
     ax.grid(alpha=0.3)
