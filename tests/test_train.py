@@ -36,7 +36,6 @@ TINY = [  # the official recipe: these tests check the official machinery with t
     "ibot.head_bottleneck_dim=16",
     "train.batch_size_per_gpu=8",
     "train.num_workers=0",
-    "train.centering=sinkhorn_knopp",  # the mechanism tests use Sinkhorn-Knopp (the demo preset centres by softmax)
     "train.OFFICIAL_EPOCH_LENGTH=4",
     "optim.epochs=2",
     "optim.warmup_epochs=1",
