@@ -80,16 +80,18 @@ def time_student_step(cfg: DictConfig, dtype: torch.dtype | None, repeats: int =
 
 def resolve_cpu_autocast(cfg: DictConfig, device: torch.device, saved: DictConfig | None, say) -> None:
     """Replace `compute_precision.autocast: auto` by the CPU's choice (module docstring), in `cfg` itself, so the
-    saved config.yaml holds it and says why (one line through `say`). A resumed run passes its saved config as
-    `saved` and keeps the choice it made at the start: the numerics of a resumed run stay those of the run."""
+    saved config.yaml holds it; where the CPU has bf16 units it says why (one line through `say`). A resumed run
+    passes its saved config as `saved` and keeps the choice it made at the start: its numerics stay the run's."""
     if device.type != "cpu" or cfg.compute_precision.autocast != "auto":
         return
     kept = saved.compute_precision.autocast if saved is not None else "auto"
     if kept in ("bf16", "fp32"):
         choice, why = kept, "the choice this run made at its start"
-    elif not (units := cpu_bf16_units()):
-        choice, why = "fp32", "this CPU has no bf16 matrix units (AMX, AVX512-BF16)"
+    elif not cpu_bf16_units():  # nothing to choose between: fp32, said nowhere but config.yaml
+        OmegaConf.update(cfg, "compute_precision.autocast", "fp32")
+        return
     else:
+        units = cpu_bf16_units()
         fp32_s, bf16_s = time_student_step(cfg, None), time_student_step(cfg, torch.bfloat16)
         speedup = fp32_s / bf16_s
         choice = "bf16" if speedup >= BF16_MIN_SPEEDUP else "fp32"
