@@ -85,10 +85,8 @@ def resolve_cpu_autocast(cfg: DictConfig, device: torch.device, saved: DictConfi
     if device.type != "cpu" or cfg.compute_precision.autocast != "auto":
         return
     kept = saved.compute_precision.autocast if saved is not None else "auto"
-    if kept in ("bf16", "fp32"):
-        choice, why = kept, "the choice this run made at its start"
-    elif not cpu_bf16_units():  # nothing to choose between: fp32, said nowhere but config.yaml
-        OmegaConf.update(cfg, "compute_precision.autocast", "fp32")
+    if kept in ("bf16", "fp32") or not cpu_bf16_units():  # resumed, or nothing to choose: said in config.yaml only
+        OmegaConf.update(cfg, "compute_precision.autocast", kept if kept != "auto" else "fp32")
         return
     else:
         units = cpu_bf16_units()
