@@ -88,15 +88,14 @@ def resolve_cpu_autocast(cfg: DictConfig, device: torch.device, saved: DictConfi
     if kept in ("bf16", "fp32") or not cpu_bf16_units():  # resumed, or nothing to choose: said in config.yaml only
         OmegaConf.update(cfg, "compute_precision.autocast", kept if kept != "auto" else "fp32")
         return
-    else:
-        units = cpu_bf16_units()
-        fp32_s, bf16_s = time_student_step(cfg, None), time_student_step(cfg, torch.bfloat16)
-        speedup = fp32_s / bf16_s
-        choice = "bf16" if speedup >= BF16_MIN_SPEEDUP else "fp32"
-        why = (
-            f"{'/'.join(units)}: the student's forward+backward measured {speedup:.2f}x faster in bf16 "
-            f"({fp32_s * 1e3:.0f} vs {bf16_s * 1e3:.0f} ms; bf16 needs >= {BF16_MIN_SPEEDUP}x)"
-        )
+    units = cpu_bf16_units()
+    fp32_s, bf16_s = time_student_step(cfg, None), time_student_step(cfg, torch.bfloat16)
+    speedup = fp32_s / bf16_s
+    choice = "bf16" if speedup >= BF16_MIN_SPEEDUP else "fp32"
+    why = (
+        f"{'/'.join(units)}: the student's forward+backward measured {speedup:.2f}x faster in bf16 "
+        f"({fp32_s * 1e3:.0f} vs {bf16_s * 1e3:.0f} ms; bf16 needs >= {BF16_MIN_SPEEDUP}x)"
+    )
     choice, why = dist_utils.broadcast_object((choice, why))  # every rank runs at rank 0's precision
     OmegaConf.update(cfg, "compute_precision.autocast", choice)
     say(f"compute_precision.autocast auto -> {choice} on this CPU: {why}")
