@@ -36,8 +36,8 @@ from omegaconf import OmegaConf
 
 from dinoforge.config.config import load_config
 from dinoforge.data.datasets import BundledDataset
-from dinoforge.train.recipe import TEACHER_TEMP, resolve_recipe
 
+TEACHER_TEMP = load_config("demo").train.small_recipe.teacher_temp  # the small recipe's own
 NO_PERIODIC_EVAL = "evaluation.eval_period_iterations=0"
 SCRIPTS = Path(__file__).resolve().parent
 FEATURES = ("cls", "cls+avgpool")
@@ -95,17 +95,6 @@ def backbones_equal(a: Path, b: Path) -> bool:
 
 def student_name(teacher_temp: float) -> str:
     return "distilled" if teacher_temp == TEACHER_TEMP else f"distilled_t{teacher_temp:g}"
-
-
-def temperature_overrides(teacher_temp: float, student_set: list[str]) -> list[str]:
-    """Overrides for the demo's small recipe with another teacher temperature: the recipe's derived values written
-    out under train.recipe=official (the small recipe sets its own temperature over any override); none for its own."""
-    if teacher_temp == TEACHER_TEMP:
-        return []
-    cfg = load_config("demo", student_set)
-    values = resolve_recipe(cfg, len(BundledDataset("train")))
-    values["teacher.teacher_temp"] = values["teacher.warmup_teacher_temp"] = teacher_temp
-    return ["train.recipe=official", *(f"{k}={v}" for k, v in values.items())]
 
 
 def main() -> None:
@@ -167,7 +156,7 @@ def main() -> None:
     ckpt = sorted((teacher_dir / "checkpoints").glob("model_*.pth"))[-1]
     students = {
         student_name(t): [*dino, "distill", "-t", str(ckpt), *common, "-o", str(out / student_name(t))]
-        + [*args.distill_set, *temperature_overrides(t, args.student_set)]
+        + [*args.distill_set, f"train.small_recipe.teacher_temp={t}"]
         for t in args.distill_temps
     }
     students["scratch"] = [*dino, "train", *common, "-o", str(out / "scratch")]

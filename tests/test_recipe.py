@@ -29,6 +29,20 @@ def test_small_recipe_values_for_the_demo():
     assert cfg2.train.OFFICIAL_EPOCH_LENGTH == 39 and cfg2.dino.head_n_prototypes == 512
 
 
+def test_small_recipe_knobs_vary_the_recipe():
+    # the knobs are the way to vary the recipe; the keys it derives are set over any value given for them
+    knobs = [
+        "train.small_recipe.ema_horizon=0.5",
+        "train.small_recipe.teacher_temp=0.05",
+        "train.small_recipe.layerscale=1e-5",
+    ]
+    cfg = load_config("demo", ["train.recipe=small", "optim.epochs=2", "student.layerscale=0.5", *knobs])
+    resolve_recipe(cfg, n_images=10_000)
+    assert cfg.teacher.momentum_teacher == pytest.approx(1 - 1 / (0.5 * 156), abs=1e-6)
+    assert cfg.teacher.teacher_temp == cfg.teacher.warmup_teacher_temp == 0.05
+    assert cfg.student.layerscale == 1e-5
+
+
 def test_prototypes_follow_the_batch():
     assert [prototypes_for(n) for n in (2, 100, 256, 300, 400, 2048)] == [16, 128, 256, 256, 512, 2048]
 

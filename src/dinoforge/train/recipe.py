@@ -17,9 +17,6 @@ from dinoforge.data.augment import BLUR_SIGMA_CROP
 from dinoforge.utils import DinoforgeError
 
 RECIPES = ("official", "small")
-EMA_HORIZON = 0.2  # the teacher's starting EMA time constant, as a fraction of the run
-LAYERSCALE = 0.1  # distinct CLS tokens at init: Sinkhorn-Knopp targets are not uniform from step 0
-TEACHER_TEMP = 0.02  # held from step 0: sharp enough that Sinkhorn-Knopp targets leave uniform (0.04: 0.92 of log K)
 
 
 def prototypes_for(n_rows: int) -> int:
@@ -32,9 +29,11 @@ def resolve_recipe(cfg: DictConfig, n_images: int, world: int = 1) -> dict[str, 
     """Rewrite `cfg` in place for `train.recipe`; returns the keys it set (nothing for the official recipe).
 
     small: one epoch is one pass over the data (`train.OFFICIAL_EPOCH_LENGTH`), the teacher's EMA starts with a
-    time constant of EMA_HORIZON of the run and anneals to 1, the teacher temperature is TEACHER_TEMP with no
-    warm-up, LayerScale starts at LAYERSCALE, the blur sigma range scales with the global crop size (that of the
-    high-res phase with its own), and both heads get `prototypes_for(2 · global batch)` prototypes.
+    time constant of `train.small_recipe.ema_horizon` of the run and anneals to 1, the teacher temperature is
+    `train.small_recipe.teacher_temp` with no warm-up, LayerScale starts at `train.small_recipe.layerscale`, the
+    blur sigma range scales with the global crop size (that of the high-res phase with its own), and both heads
+    get `prototypes_for(2 · global batch)` prototypes. The three `train.small_recipe` knobs are the way to vary the
+    recipe: the keys it derives are set over any value given for them.
     """
     recipe = cfg.train.recipe
     if recipe not in RECIPES:
@@ -45,14 +44,15 @@ def resolve_recipe(cfg: DictConfig, n_images: int, world: int = 1) -> dict[str, 
     epoch_len = max(1, n_images // batch)
     steps = int(cfg.train.max_iterations) or int(cfg.optim.epochs) * epoch_len
     k = prototypes_for(2 * batch)
+    knobs = cfg.train.small_recipe
     values = {
         "train.OFFICIAL_EPOCH_LENGTH": epoch_len,
-        "teacher.momentum_teacher": round(1.0 - 1.0 / max(EMA_HORIZON * steps, 1.0), 6),
+        "teacher.momentum_teacher": round(1.0 - 1.0 / max(knobs.ema_horizon * steps, 1.0), 6),
         "teacher.final_momentum_teacher": 1.0,
-        "teacher.teacher_temp": TEACHER_TEMP,
-        "teacher.warmup_teacher_temp": TEACHER_TEMP,
+        "teacher.teacher_temp": knobs.teacher_temp,
+        "teacher.warmup_teacher_temp": knobs.teacher_temp,
         "teacher.warmup_teacher_temp_epochs": 0,
-        "student.layerscale": LAYERSCALE,
+        "student.layerscale": knobs.layerscale,
         "crops.blur_sigma_scale": round(cfg.crops.global_crops_size / BLUR_SIGMA_CROP, 4),
         "dino.head_n_prototypes": k,
         "ibot.head_n_prototypes": k,
