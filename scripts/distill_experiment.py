@@ -9,9 +9,9 @@ student, against the same student trained from scratch with SSL for the same ste
 --teacher ssl: the earlier attempts' teacher, self-supervised only
   teacher     dinoforge train -c demo --data bundled student.depth=8 optim.epochs=3   (234 steps)
 then, for either teacher:
-  distilled   dinoforge distill -t <teacher's last checkpoint> -c demo --data bundled   (the demo's 156 steps)
+  distilled   dinoforge distill -t <teacher's last checkpoint> -c demo --data bundled optim.epochs=2 (156 steps)
               (--distill-temps: one per teacher temperature; the small recipe's 0.02 by default)
-  scratch     dinoforge train -c demo --data bundled                                    (the same 156 steps)
+  scratch     dinoforge train -c demo --data bundled optim.epochs=2                     (the same 156 steps)
 and k-NN as in the demo on every exported backbone (backbone_knn_top1: cosine 20-NN, T 0.07, bundled 10k train →
 2k val at the 24 px crop size, on CLS and on CLS ⊕ mean patch).
 A stage whose output exists is reused, so an interrupted run continues. Prints a Markdown table and writes
@@ -38,6 +38,7 @@ from dinoforge.config.config import load_config
 from dinoforge.data.datasets import BundledDataset
 
 TEACHER_TEMP = load_config("demo").train.small_recipe.teacher_temp  # the small recipe's own
+STUDENT_EPOCHS = "optim.epochs=2"  # both students: 156 steps of the demo preset (which ran 2 epochs until 2026-12-02)
 NO_PERIODIC_EVAL = "evaluation.eval_period_iterations=0"
 SCRIPTS = Path(__file__).resolve().parent
 FEATURES = ("cls", "cls+avgpool")
@@ -163,7 +164,10 @@ def main() -> None:
     for name, cmd in students.items():
         folder = out / name
         walls[name] = run_stage(
-            folder, folder / "teacher_backbone.safetensors", [*cmd, *args.student_set, NO_PERIODIC_EVAL], args.lock
+            folder,
+            folder / "teacher_backbone.safetensors",
+            [*cmd, STUDENT_EPOCHS, *args.student_set, NO_PERIODIC_EVAL],
+            args.lock,
         )
 
     rows = []

@@ -27,7 +27,7 @@ def test_supervised_reference_learns_in_a_few_steps(tmp_path):
     # the demo's ViT at init has the same CLS output for every image (k-NN 0.0835 on CLS, the demo's random-init
     # figure); 20 labelled steps make it class-aware
     assert res["cls"] > 0.3
-    assert out[1].startswith("demo preset: 156 steps of 128 images")
+    assert out[1].startswith("demo preset: 312 steps of 128 images")
     assert out[2] == f"supervised backbone (4 blocks, 128 wide): {saved}"
     net = load_backbone(saved)
     assert (net.arch["embed_dim"], net.arch["depth"], net.arch["patch_size"]) == (128, 4, 4)

@@ -26,7 +26,7 @@ def demo_command(
     ),
     epochs: Annotated[
         int | None,
-        typer.Option("--epochs", min=1, help="Pretraining epochs over the 10k images (preset: 2, 156 steps)."),
+        typer.Option("--epochs", min=1, help="Pretraining epochs over the 10k images (preset: 4, 312 steps)."),
     ] = None,
     overrides: OverridesArg = None,
 ) -> None:
