@@ -383,16 +383,13 @@ def plot(result: dict, path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     colours = {}
-    for budget, runs in result["budgets"].items():
+    for runs in result["budgets"].values():
         for name, run in runs.items():
             pts = run["points"]
-            colour = colours.setdefault(name, f"C{len(colours)}")
+            first = name not in colours  # the legend names each runner once, whichever budget it first ran
+            colour = colours.setdefault(name, plt.get_cmap("tab20")(len(colours) % 20))
             ax.plot(
-                [p["train_s"] for p in pts],
-                [p["knn"] for p in pts],
-                "o-",
-                color=colour,
-                label=name if budget == next(iter(result["budgets"])) else None,
+                [p["train_s"] for p in pts], [p["knn"] for p in pts], "o-", color=colour, label=name if first else None
             )
     ax.axhline(result["raw_pixels"], color="k", ls="--", label="raw pixels")
     ax.set_xlabel(f"training seconds, {result.get('clock', 'wall')} clock (k-NN time excluded)")
