@@ -90,11 +90,11 @@ def test_max_iterations_sets_the_run_length_and_its_schedules():
     from dinoforge.train.schedules import total_iterations
 
     cfg = load_config("demo")
-    assert total_iterations(cfg) == 2 * 78  # epochs × OFFICIAL_EPOCH_LENGTH when unset
+    assert total_iterations(cfg) == 4 * 78  # epochs × OFFICIAL_EPOCH_LENGTH when unset
     cfg = load_config("demo", ["train.max_iterations=50"])
     resolve_recipe(cfg, 10_000)  # the small recipe derives the teacher's EMA horizon from the 50 steps
     assert total_iterations(cfg) == 50
     assert cfg.teacher.momentum_teacher == pytest.approx(1 - 1 / (0.2 * 50))
     s = build_schedulers(cfg)
     assert len(s.lr) == len(s.wd) == len(s.momentum) == 50
-    assert s.lr[0] > s.lr[49] > s.lr[50] == cfg.optim.min_lr  # the cosine ends at step 50, not at 156
+    assert s.lr[0] > s.lr[49] > s.lr[50] == cfg.optim.min_lr  # the cosine ends at step 50, not at 312
