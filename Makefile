@@ -57,7 +57,7 @@ lint: install-test
 	$(BIN)/ruff format --check src tests benchmarks scripts
 
 bench: install-test
-	$(BIN)/pip install -q ".[bench]"
+	$(BIN)/pip install -q -e ".[bench]"
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
 
 # The GPU check (benchmarks/gpu_check.py): --full on a CUDA device (one command, about 8 minutes), else --smoke.

@@ -69,7 +69,7 @@ def main() -> None:
     _, dataset, collate, sampler = paths["batched"]
     batch = _time_batch(dataset, collate, next(sampler), default_threads)[1]
     for _ in range(args.warmup):
-        step(batch, teacher_temp=0.07, momentum=0.992)
+        step(batch)
     for _ in range(args.rounds):
         for (impl, threads), seconds in data_times.items():
             _, dataset, collate, sampler = paths[impl]
@@ -81,7 +81,7 @@ def main() -> None:
         for threads, seconds in step_times.items():
             torch.set_num_threads(threads)
             t0 = time.perf_counter()
-            step(batch, teacher_temp=0.07, momentum=0.992)
+            step(batch)
             seconds.append(time.perf_counter() - t0)
 
     crops = f"2x{cfg.crops.global_crops_size}+{cfg.crops.local_crops_number}x{cfg.crops.local_crops_size}"

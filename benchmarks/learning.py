@@ -50,7 +50,7 @@ from dinoforge.train.meta_arch import backbone_kwargs
 from dinoforge.train.recipe import resolve_recipe
 from dinoforge.utils import DinoforgeError, write_json
 
-SSL_PEERS = ("simclr", "vicreg", "lightly_dinov2")
+SSL_PEERS = ("simclr", "vicreg", "lightly_dinov2", "lightly_dinov2_official_init")
 RUNNERS = ("dinoforge", *SSL_PEERS, "supervised")
 PROBE_STEPS = (3, 8)  # warm-up steps, then timed steps of each runner's probe
 
@@ -180,7 +180,7 @@ class PeerStep:
     lr = 1e-3
     weight_decay = 0.05
 
-    def __init__(self, bench: Bench):
+    def __init__(self, bench: Bench, steps: int):
         torch.manual_seed(bench.seed)
         self.bench = bench
         self.backbone = build_backbone(backbone_kwargs(bench.cfg))
@@ -265,71 +265,73 @@ class SupervisedStep(PeerStep):
 
 
 class LightlyDinoStep(PeerStep):
-    """lightly's DINOv2 step (`train_step.LightlyStep`: timm ViT + lightly heads/losses, softmax centring) on the
-    demo's multi-crops and masks, with the demo's resolved lr, momentum and temperature schedules."""
+    """lightly's DINOv2 step (`train_step.LightlyStep`: a timm ViT with lightly's heads and losses, softmax centring)
+    on dinoforge's crops and masks (`train.data.crops_and_masks`), with the demo recipe's schedules (lr, weight
+    decay, EMA momentum, teacher temperature) resolved for this runner's own step count. lightly re-initialises the
+    timm ViT (xavier-uniform Linear and patch embedding, CLS N(0, 0.02)); `dinoforge_init` starts it from the
+    official init that dinoforge's backbone draws instead."""
 
-    def __init__(self, bench: Bench):
-        from functools import partial
+    dinoforge_init = False
 
+    def __init__(self, bench: Bench, steps: int):
         from train_step import LightlyStep
 
-        from dinoforge.data.batch_augment import BatchAugmentationDINO
-        from dinoforge.data.collate import mask_and_cast
-        from dinoforge.data.masking import MaskingGenerator
-        from dinoforge.train.schedules import scaled_lr
+        from dinoforge.data.datasets import BundledDataset
+        from dinoforge.models.formats.timm import official_to_timm
+        from dinoforge.train.data import SeededAugment, crops_and_masks
+        from dinoforge.train.schedules import build_schedulers
 
-        cfg = bench.cfg
-        self.bench = bench
+        cfg = load_config("demo", [f"train.max_iterations={steps}", f"train.seed={bench.seed}"])
+        resolve_recipe(cfg, len(bench.images))
+        self.bench, self.cfg, self.schedules, self.it = bench, cfg, build_schedulers(cfg), 0
         torch.manual_seed(bench.seed)
         self.gen = torch.Generator().manual_seed(bench.seed)
         self.step = LightlyStep(cfg, torch.device("cpu"))
-        c = cfg.crops
-        self.augment = BatchAugmentationDINO(
-            tuple(c.global_crops_scale),
-            tuple(c.local_crops_scale),
-            c.local_crops_number,
-            c.global_crops_size,
-            c.local_crops_size,
-            c.official_blur,
-            c.blur_sigma_scale,
-        )
-        side = c.global_crops_size // cfg.student.patch_size
-        self.mask = partial(
-            mask_and_cast,
-            mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
-            mask_probability=cfg.ibot.mask_sample_probability,
-            n_tokens=side * side,
-            mask_generator=MaskingGenerator((side, side), max_num_patches=0.5 * side * side),
-            dtype=torch.float32,
-        )
-        self.peak_lr = scaled_lr(cfg.optim.base_lr, cfg.train.batch_size_per_gpu, cfg.optim.scaling_rule)
-        self.momentum = (float(cfg.teacher.momentum_teacher), float(cfg.teacher.final_momentum_teacher))
+        if self.dinoforge_init:
+            official = build_backbone(backbone_kwargs(cfg)).state_dict()
+            timm_sd = {k: v for k, v in official_to_timm(official).items() if k != "mask_token"}
+            for side in (self.step.student, self.step.teacher):
+                side.backbone.vit.load_state_dict(timm_sd)
+        transform, self.collate = crops_and_masks(cfg)
+        self.data = SeededAugment(BundledDataset("train", size=32), transform)
 
     def __call__(self, progress: float) -> None:
-        cos = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        s, it = self.schedules, min(self.it, len(self.schedules.lr) - 1)
         for g in self.step.opt.param_groups:
-            g["lr"] = self.peak_lr * cos
-        images, _ = self.batch()
-        batch = self.mask(*self.augment(list(images), self.gen))
-        momentum = self.momentum[1] + (self.momentum[0] - self.momentum[1]) * cos
-        self.step(self.step.prepare(batch), teacher_temp=float(self.bench.cfg.teacher.teacher_temp), momentum=momentum)
+            g["lr"] = s.lr[it]
+            if g.get("weight_decay", 0.0) > 0:
+                g["weight_decay"] = s.wd[it]
+        idx = torch.randint(0, len(self.data), (int(self.cfg.train.batch_size_per_gpu),), generator=self.gen)
+        seeds = torch.randint(0, 2**62, (len(idx),), generator=self.gen)
+        batch = self.collate.finish(
+            self.collate([self.data[(int(i), int(k))] for i, k in zip(idx, seeds, strict=True)])
+        )
+        self.step(self.step.prepare(batch), teacher_temp=float(s.teacher_temp[it]), momentum=float(s.momentum[it]))
+        self.it += 1
 
     def model(self) -> torch.nn.Module:
         """lightly's teacher (a timm ViT) as the dinoforge backbone the k-NN reads, through the timm key map."""
         from dinoforge.models.formats.timm import timm_to_official
         from dinoforge.models.weights import load_state_dict_strict
 
-        net = build_backbone(backbone_kwargs(self.bench.cfg))
+        net = build_backbone(backbone_kwargs(self.cfg))
         sd = timm_to_official(self.step.teacher.backbone.vit.state_dict())
         sd.setdefault("mask_token", net.mask_token.detach())  # lightly keeps its mask token outside the ViT
         load_state_dict_strict(net, sd, source="lightly teacher")
         return net
 
 
+class LightlyDinoFromDinoforgeInit(LightlyDinoStep):
+    """lightly's DINOv2 step started from dinoforge's official init instead of lightly's re-init."""
+
+    dinoforge_init = True
+
+
 PEERS: dict[str, type[PeerStep]] = {
     "simclr": SimCLRStep,
     "vicreg": VICRegStep,
     "lightly_dinov2": LightlyDinoStep,
+    "lightly_dinov2_official_init": LightlyDinoFromDinoforgeInit,
     "supervised": SupervisedStep,
 }
 
@@ -337,15 +339,15 @@ PEERS: dict[str, type[PeerStep]] = {
 def run_peer(bench: Bench, budget_s: float, name: str) -> dict:
     """Probe the peer's step time on a throw-away model, fit its schedule to the budget, train, k-NN at fractions."""
     warm, timed = PROBE_STEPS
-    probe = PEERS[name](bench)
+    probe = PEERS[name](bench, warm + timed)
     for i in range(warm + timed):
         if i == warm:
             t = bench.now()
         probe(0.0)
     step_s = (bench.now() - t) / timed
+    steps = max(bench.n_evals, int(budget_s / step_s))
     clock = Clock(bench)
-    step = PEERS[name](bench)
-    steps = max(bench.n_evals, int((budget_s - clock()) / step_s))
+    step = PEERS[name](bench, steps)  # a DINO peer's schedules are resolved for `steps`
     marks = {round(steps * (i + 1) / bench.n_evals) for i in range(bench.n_evals)}
     points = []
     for i in range(steps):

@@ -75,65 +75,44 @@ class Spec:
     count_flops: bool = False  # count one extra step's FLOPs (torch.utils.flop_counter) before the timed ones
 
 
+def _amp(spec: Spec) -> bool:
+    """bf16 autocast: asked for, or `auto` on CUDA (fp32 on CPU, as `compute_precision.autocast: auto` there)."""
+    return spec.precision == "bf16" or (spec.precision == "auto" and spec.device.startswith("cuda"))
+
+
 def _config(spec: Spec):
     from dinoforge.config.config import load_config
 
     preset, _, overrides = BENCH_MODELS[spec.model]
-    return load_config(preset, [*overrides, *spec.overrides, f"train.batch_size_per_gpu={spec.batch}"])
+    precision = f"compute_precision.autocast={'bf16' if _amp(spec) else 'fp32'}"  # dinoforge's step autocasts itself
+    return load_config(preset, [*overrides, precision, *spec.overrides, f"train.batch_size_per_gpu={spec.batch}"])
 
 
 def _batches(cfg, n: int, seed: int = 0) -> list[dict]:
-    """`n` collated batches of random crops with dinoforge's block masks (the inputs of both implementations)."""
-    import random
+    """`n` training batches as `dinoforge train` makes them: the package's crops and masks over bundled images."""
+    from dinoforge.data.datasets import build_dataset
+    from dinoforge.train.data import SeededAugment, crops_and_masks
 
-    from dinoforge.data.collate import collate_data_and_cast
-    from dinoforge.data.masking import MaskingGenerator
-
-    g, loc, p = cfg.crops.global_crops_size, cfg.crops.local_crops_size, cfg.student.patch_size
-    gen = torch.Generator().manual_seed(seed)
-    random.seed(seed)
-    side = g // p
-    masker = MaskingGenerator((side, side), max_num_patches=0.5 * side * side)
-    out = []
-    for _ in range(n):
-        samples = [
-            (
-                {
-                    "global_crops": [torch.randn(3, g, g, generator=gen) for _ in range(2)],
-                    "local_crops": [
-                        torch.randn(3, loc, loc, generator=gen) for _ in range(cfg.crops.local_crops_number)
-                    ],
-                },
-                (),
-            )
-            for _ in range(cfg.train.batch_size_per_gpu)
-        ]
-        out.append(
-            collate_data_and_cast(
-                samples,
-                tuple(cfg.ibot.mask_ratio_min_max),
-                cfg.ibot.mask_sample_probability,
-                torch.float32,
-                n_tokens=side * side,
-                mask_generator=masker,
-            )
-        )
-    return out
+    transform, collate = crops_and_masks(cfg)
+    data = SeededAugment(build_dataset("bundled:train", split="train"), transform)
+    b = cfg.train.batch_size_per_gpu
+    keys = [[((i * b + j) % len(data), seed + i * b + j) for j in range(b)] for i in range(n)]
+    return [collate.finish(collate([data[k] for k in batch])) for batch in keys]
 
 
 class DinoforgeStep:
-    """dinoforge's training step, as in train/loop.py: forward_backward, clip, AdamW, update_teacher.
+    """dinoforge's training step: `train.step.TrainStep`, the step `dinoforge train` runs, on the config's schedules.
 
     Variants: `compile` (a torch.compile backend, e.g. "inductor") compiles every transformer block; `fsdp` shards
     the model with FSDP2 in a one-process group as the loop does across processes (then AdamW is the for-each
     one, as there); `fused=False` takes the for-each AdamW."""
 
     def __init__(self, cfg, device: torch.device, compile: str | None = None, fsdp: bool = False, fused: bool = True):
-        from dinoforge.train.loop import build_optimizer, fsdp_param_dtype  # the loop's own pieces
         from dinoforge.train.meta_arch import SSLMetaArch
-        from dinoforge.train.param_groups import apply_optim_scheduler
+        from dinoforge.train.precision import fsdp_param_dtype
+        from dinoforge.train.schedules import build_schedulers
+        from dinoforge.train.step import TrainStep, build_optimizer
 
-        self.cfg = cfg
         self.model = SSLMetaArch(cfg).to(device).train()
         if fsdp:
             from dinoforge.train.distributed import fully_shard_model
@@ -144,17 +123,14 @@ class DinoforgeStep:
             for side in (self.model.student, self.model.teacher):
                 for block in side.backbone.blocks:
                     block.compile(backend=compile)
-        self.opt = build_optimizer(cfg, self.model, fused=fused and not fsdp)
-        apply_optim_scheduler(self.opt, 1e-4, cfg.optim.weight_decay, 1e-4)
+        optimizer = build_optimizer(cfg, self.model, fused=fused and not fsdp)
+        schedules = build_schedulers(cfg, 1)
+        self.step = TrainStep(cfg, self.model, optimizer, schedules, device, fsdp)
+        self.it, self.n_iter = 0, len(schedules.lr)
 
-    def __call__(self, batch: dict, teacher_temp: float, momentum: float) -> None:
-        self.opt.zero_grad(set_to_none=True)
-        self.model.forward_backward(batch, teacher_temp=teacher_temp)
-        if self.cfg.optim.clip_grad:
-            for m in self.model.student.values():
-                torch.nn.utils.clip_grad_norm_(m.parameters(), self.cfg.optim.clip_grad)
-        self.opt.step()
-        self.model.update_teacher(momentum)
+    def __call__(self, batch: dict) -> None:
+        self.step(self.it % self.n_iter, batch)
+        self.it += 1
 
 
 def _one_process_group(device: torch.device) -> None:
@@ -248,7 +224,7 @@ class LightlyStep:
             "block_mask": masks.view(-1, self.side, self.side),
         }
 
-    def __call__(self, batch: dict, teacher_temp: float, momentum: float) -> None:
+    def __call__(self, batch: dict, teacher_temp: float = 0.07, momentum: float = 0.992) -> None:
         from lightly.models.utils import update_momentum
 
         s, t, cfg = self.student, self.teacher, self.cfg
@@ -306,15 +282,16 @@ def _worker(spec: Spec, conn) -> None:
     if spec.impl == "lightly":
         batches = [step.prepare(b) for b in batches]
     batches = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()} for b in batches]
-    amp = spec.precision == "bf16" or (spec.precision == "auto" and device.type == "cuda")
+    amp = _amp(spec)
+    lightly_amp = amp and spec.impl == "lightly"
     cuda = device.type == "cuda"
     flops = None
     if spec.count_flops:
         from torch.utils.flop_counter import FlopCounterMode
 
         with FlopCounterMode(display=False) as counter:
-            with torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext():
-                step(batches[0], teacher_temp=0.07, momentum=0.992)
+            with torch.autocast(device.type, dtype=torch.bfloat16) if lightly_amp else nullcontext():
+                step(batches[0])
         flops = counter.get_total_flops()
     conn.send("ready")
     i = 0
@@ -324,8 +301,8 @@ def _worker(spec: Spec, conn) -> None:
         if msg != "step":
             continue
         t0, c0 = time.perf_counter(), time.process_time()
-        with torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext():
-            step(batches[i % len(batches)], teacher_temp=0.07, momentum=0.992)
+        with torch.autocast(device.type, dtype=torch.bfloat16) if lightly_amp else nullcontext():
+            step(batches[i % len(batches)])
         if cuda:
             torch.cuda.synchronize()
         conn.send((time.perf_counter() - t0, time.process_time() - c0))

@@ -149,8 +149,9 @@ def test_optimizer_step_moves_student_and_its_ema_not_the_teacher(tmp_path):
     """One training step by hand: AdamW changes only the student, the EMA update is m·ema + (1−m)·student for every
     parameter of the student's EMA, the teacher keeps the checkpoint's values, and the export is the EMA's backbone."""
     from dinoforge.models.weights import load_backbone
-    from dinoforge.train.loop import build_optimizer, export_teacher
+    from dinoforge.train.checkpoint import export_teacher
     from dinoforge.train.param_groups import apply_optim_scheduler
+    from dinoforge.train.step import build_optimizer
 
     reference, path = teacher_checkpoint(tmp_path, separate=True)
     model = distill_model(path, "sinkhorn_knopp")

@@ -155,8 +155,8 @@ def test_fsdp2_mixed_precision_policy_bf16_params_fp32_master_and_gradients():
     their gradients stay fp32, the blocks compute with bf16 copies (outputs equal a bf16 model's), and the gradients
     follow the fp32 model's within bf16 accuracy."""
     from dinoforge.train.distributed import fully_shard_model
-    from dinoforge.train.loop import fsdp_param_dtype
     from dinoforge.train.meta_arch import SSLMetaArch
+    from dinoforge.train.precision import fsdp_param_dtype
 
     cfg = load_config("demo", ["compute_precision.fsdp_param_dtype=bf16", "student.drop_path_rate=0"])
     assert fsdp_param_dtype(cfg, torch.device("cpu")) == torch.bfloat16

@@ -52,6 +52,7 @@ def run_demo(output_dir: Path, overrides: list[str], epochs: int | None = None) 
     trained = load_backbone(summary_train["teacher"])
     torch.manual_seed(cfg.train.seed)
     random_init = build_backbone(trained.arch)
+    random_init.init_weights(cfg.student.init)  # the same net as drawn before training, by the recipe's init
     # evaluated at the global crop size, the resolution the model was trained at (as official: 224 px); the trained
     # teacher's k-NN is the training's final evaluation (the same callback)
     knn_trained = {k.removeprefix("knn_top1_"): v for k, v in summary_train["eval"].items()}
@@ -73,6 +74,8 @@ def run_demo(output_dir: Path, overrides: list[str], epochs: int | None = None) 
         "knn_top1_by_features": {"trained": knn_trained, "random_init": knn_random},
         "train_iterations": summary_train["iterations"],
         "train_wall_time_s": t_train,
+        "train_images_per_s": summary_train["last"].get("images_per_s"),
+        "step_images_per_s": summary_train["last"].get("step_images_per_s"),
         "final_losses": {k: v for k, v in summary_train["last"].items() if "loss" in k},
         "final_teacher_entropy": summary_train["last"].get("teacher_entropy"),
         "final_teacher_cls_std": summary_train["last"].get("teacher_cls_std"),
@@ -93,7 +96,11 @@ def run_demo(output_dir: Path, overrides: list[str], epochs: int | None = None) 
     table.add_row("ViT, DINOv2-pretrained (teacher)", f"{acc_trained:.4f}", f"{knn_trained['cls'] / 100:.4f}")
     console = Console()
     console.print(table)
-    console.print(f"wall time {summary['wall_time_s']:.0f} s; results in {output_dir.resolve()}")
+    console.print(
+        f"trained at {summary['train_images_per_s']:.0f} images/s on this machine (the step alone: "
+        f"{summary['step_images_per_s']:.0f}); wall time {summary['wall_time_s']:.0f} s; results in "
+        f"{output_dir.resolve()}"
+    )
     console.print(
         "  summary.json, pca_patch_features.png, train/ (curves.png, metrics.csv, checkpoints/, "
         "teacher_backbone.safetensors)"

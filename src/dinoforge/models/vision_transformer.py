@@ -42,6 +42,9 @@ def resize_pos_embed(pos_embed: Tensor, grid: tuple[int, int], offset: float, an
     return torch.cat((pos[:, :1], patches.permute(0, 2, 3, 1).reshape(1, -1, dim)), dim=1)
 
 
+INIT_SCHEMES = ("official", "xavier")
+
+
 class DinoVisionTransformer(nn.Module):
     """ViT with CLS/register/mask tokens, LayerScale and official position-embedding interpolation.
 
@@ -124,16 +127,28 @@ class DinoVisionTransformer(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
         self.init_weights()
 
-    def init_weights(self) -> None:
-        """Official init: pos_embed trunc-normal 0.02, CLS/registers normal 1e-6, Linear trunc-normal 0.02."""
+    def init_weights(self, scheme: str = "official") -> None:
+        """official: pos_embed trunc-normal 0.02, CLS/registers normal 1e-6, Linear trunc-normal 0.02 (the patch
+        embedding keeps PyTorch's default). xavier: the same but xavier-uniform on every Linear and on the patch
+        embedding, CLS/registers normal 0.02: from scratch its branches write ~5x more into the residual stream,
+        so a short run starts from distinct images (docs/learning.md)."""
+        if scheme not in INIT_SCHEMES:
+            raise DinoforgeError(f"unknown init {scheme!r}; choose one of {', '.join(INIT_SCHEMES)}")
+        token_std = 1e-6 if scheme == "official" else 0.02
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.normal_(self.cls_token, std=1e-6)
+        nn.init.normal_(self.cls_token, std=token_std)
         if self.register_tokens is not None:
-            nn.init.normal_(self.register_tokens, std=1e-6)
+            nn.init.normal_(self.register_tokens, std=token_std)
         nn.init.zeros_(self.mask_token)
+        if scheme == "xavier":
+            w = self.patch_embed.proj.weight
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
+                if scheme == "xavier":
+                    nn.init.xavier_uniform_(m.weight)
+                else:
+                    nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 

@@ -13,7 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from dinoforge import distributed as dist_utils
-from dinoforge.models.weights import load_state_dict_strict
+from dinoforge.models.vision_transformer import DinoVisionTransformer
+from dinoforge.models.weights import load_state_dict_strict, save_backbone
 from dinoforge.train.highres import crop_phases, global_size_at, switch_resolution
 from dinoforge.utils import DinoforgeError, atomic_torch_save
 
@@ -184,4 +185,12 @@ def save_training_state(
         }
         path = save_checkpoint(ckpt_dir, it, payload, keep=cfg.train.keep_checkpoints)
     dist_utils.barrier()
+    return path
+
+
+def export_teacher(model_state: dict, arch: dict, path: Path, prefix: str = "teacher.backbone.") -> Path:
+    """Save the backbone under `prefix` (the EMA teacher) as safetensors, with its architecture, for load_backbone."""
+    backbone = DinoVisionTransformer(**arch)
+    backbone.load_state_dict({k[len(prefix) :]: v for k, v in model_state.items() if k.startswith(prefix)})
+    save_backbone(backbone, path)
     return path

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
+from functools import partial
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 from torch.utils.data import Dataset, Sampler
+
+from dinoforge.data.augment import DataAugmentationDINO
+from dinoforge.data.batch_augment import BatchAugmentationDINO, to_uint8_tensor
+from dinoforge.data.collate import collate_data_and_cast, mask_and_cast
+from dinoforge.data.masking import MaskingGenerator
+from dinoforge.train.highres import CropPhase, crop_phases
+from dinoforge.utils import DinoforgeError
 
 
 def _mix(*ints: int) -> int:
@@ -47,8 +56,6 @@ class StepSampler(Sampler):
         )
         self.steps_per_epoch = n // (batch_size * world)
         if self.steps_per_epoch == 0:
-            from dinoforge.utils import DinoforgeError
-
             raise DinoforgeError(f"dataset has {n} images, fewer than one global batch ({batch_size * world})")
 
     def _perm(self, epoch: int) -> np.ndarray:
@@ -129,3 +136,37 @@ class SeededCollate:
             generators = [torch.Generator().manual_seed(seed) for _, seed in kept]
             out = self.collate(*self.augment([image for image, _ in kept], generators))
         return out | {"skipped": skipped}
+
+
+def crops_and_masks(
+    cfg: DictConfig, phase: CropPhase | None = None, device: torch.device | None = None
+) -> tuple[Callable, SeededCollate]:
+    """The per-sample transform and the collate that turn images into a training batch (multi-crops and iBOT masks)
+    at the crop sizes of `phase` (default: the base sizes): the one builder of what the step sees, for the loop and
+    every benchmark. With crops.augment_on_device the batch is finished on `device` by `collate.finish`."""
+    phase = phase or crop_phases(cfg)[0]
+    g, p = phase.global_size, cfg.student.patch_size
+    n_tokens = (g // p) ** 2
+    augment_args = (
+        tuple(cfg.crops.global_crops_scale),
+        tuple(cfg.crops.local_crops_scale),
+        cfg.crops.local_crops_number,
+        g,
+        phase.local_size,
+        cfg.crops.official_blur,
+        phase.blur_sigma_scale,
+    )
+    masking = {
+        "mask_ratio_tuple": tuple(cfg.ibot.mask_ratio_min_max),
+        "mask_probability": cfg.ibot.mask_sample_probability,
+        "n_tokens": n_tokens,
+        "mask_generator": MaskingGenerator(input_size=(g // p, g // p), max_num_patches=0.5 * n_tokens),
+        "dtype": torch.float32,
+    }
+    if cfg.crops.batched_augmentation:  # per sample only uint8 tensors; the augmentation runs on the whole batch
+        on_device = device if cfg.crops.augment_on_device else None
+        augment = BatchAugmentationDINO(*augment_args, on_device)
+        return to_uint8_tensor, SeededCollate(partial(mask_and_cast, **masking), augment)
+    if cfg.crops.augment_on_device:
+        raise DinoforgeError("crops.augment_on_device needs crops.batched_augmentation=true")
+    return DataAugmentationDINO(*augment_args), SeededCollate(partial(collate_data_and_cast, **masking))

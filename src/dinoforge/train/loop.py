@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -13,23 +11,18 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from dinoforge import distributed as dist_utils
-from dinoforge.data.augment import DataAugmentationDINO
-from dinoforge.data.batch_augment import BatchAugmentationDINO, to_uint8_tensor
-from dinoforge.data.collate import collate_data_and_cast, mask_and_cast
 from dinoforge.data.datasets import build_dataset, skipped_summary
-from dinoforge.data.masking import MaskingGenerator
-from dinoforge.models.vision_transformer import DinoVisionTransformer
-from dinoforge.models.weights import load_backbone, save_backbone
-from dinoforge.train.checkpoint import model_state, resume_training_state, save_training_state
-from dinoforge.train.data import SeededAugment, SeededCollate, StepSampler, seed_everything, seed_step
-from dinoforge.train.distributed import average_gradients, broadcast_module, fully_shard_model
-from dinoforge.train.highres import CropPhase, check_crop_phases, crop_phases, switch_resolution
+from dinoforge.models.weights import load_backbone
+from dinoforge.train.checkpoint import export_teacher, model_state, resume_training_state, save_training_state
+from dinoforge.train.data import SeededAugment, StepSampler, crops_and_masks, seed_everything
+from dinoforge.train.distributed import broadcast_module, fully_shard_model
+from dinoforge.train.highres import CropPhase, check_crop_phases, switch_resolution
 from dinoforge.train.logging import MetricsLog, Progress, StallMonitor, plot_curves
 from dinoforge.train.meta_arch import SSLMetaArch
-from dinoforge.train.param_groups import apply_optim_scheduler, fuse_params_groups, get_params_groups_with_decay
-from dinoforge.train.precision import autocast_dtype, fsdp_param_dtype, resolve_cpu_autocast
+from dinoforge.train.precision import fsdp_param_dtype, resolve_cpu_autocast
 from dinoforge.train.recipe import resolve_recipe
 from dinoforge.train.schedules import build_schedulers, scaled_lr, total_iterations
+from dinoforge.train.step import NonFiniteLoss, TrainStep, build_optimizer
 from dinoforge.utils import DinoforgeError, eprint, progress_enabled, write_json
 
 
@@ -42,36 +35,8 @@ def _build_loader(
     phase: CropPhase | None = None,
     device: torch.device | None = None,
 ) -> DataLoader:
-    """The loader of iterations `start_iter` on at the crop sizes of `phase` (default: the base sizes). With
-    crops.augment_on_device its batches are finished on `device` by `collate_fn.finish` (see SeededCollate)."""
-    phase = phase or crop_phases(cfg)[0]
-    g, p = phase.global_size, cfg.student.patch_size
-    n_tokens = (g // p) ** 2
-    augment_args = (
-        tuple(cfg.crops.global_crops_scale),
-        tuple(cfg.crops.local_crops_scale),
-        cfg.crops.local_crops_number,
-        g,
-        phase.local_size,
-        cfg.crops.official_blur,
-        phase.blur_sigma_scale,
-    )
-    masking = {
-        "mask_ratio_tuple": tuple(cfg.ibot.mask_ratio_min_max),
-        "mask_probability": cfg.ibot.mask_sample_probability,
-        "n_tokens": n_tokens,
-        "mask_generator": MaskingGenerator(input_size=(g // p, g // p), max_num_patches=0.5 * n_tokens),
-        "dtype": torch.float32,
-    }
-    if cfg.crops.batched_augmentation:  # per sample only uint8 tensors; the augmentation runs on the whole batch
-        transform = to_uint8_tensor
-        on_device = device if cfg.crops.augment_on_device else None
-        collate = SeededCollate(partial(mask_and_cast, **masking), BatchAugmentationDINO(*augment_args, on_device))
-    elif cfg.crops.augment_on_device:
-        raise DinoforgeError("crops.augment_on_device needs crops.batched_augmentation=true")
-    else:
-        transform = DataAugmentationDINO(*augment_args)
-        collate = SeededCollate(partial(collate_data_and_cast, **masking))
+    """The loader of iterations `start_iter` on at the crop sizes of `phase` (default: the base sizes)."""
+    transform, collate = crops_and_masks(cfg, phase, device)
     sampler = StepSampler(len(dataset), cfg.train.batch_size_per_gpu, cfg.train.seed, rank, world, start_iter)
     workers = int(cfg.train.num_workers)
     return DataLoader(
@@ -84,43 +49,12 @@ def _build_loader(
     )
 
 
-def build_optimizer(cfg: DictConfig, model: SSLMetaArch, fused: bool = True) -> torch.optim.AdamW:
-    """AdamW over the student's fused param groups (layer-wise lr decay, no wd on bias/norm/LayerScale).
-
-    The fused kernel (CPU and CUDA) is several times faster than the default for-each implementation."""
-    groups = []
-    for m in model.student.values():
-        groups += fuse_params_groups(
-            get_params_groups_with_decay(
-                m, lr_decay_rate=cfg.optim.layerwise_decay, patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult
-            )
-        )
-    return torch.optim.AdamW(groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), fused=fused)
-
-
-def export_teacher(model_state: dict, arch: dict, path: Path, prefix: str = "teacher.backbone.") -> Path:
-    """Save the backbone under `prefix` (the EMA teacher) as safetensors, with its architecture, for load_backbone."""
-    backbone = DinoVisionTransformer(**arch)
-    backbone.load_state_dict({k[len(prefix) :]: v for k, v in model_state.items() if k.startswith(prefix)})
-    save_backbone(backbone, path)
-    return path
-
-
 SHOWN_LOSSES = (  # (label, metric) pairs on the progress bar
     ("loss", "total_loss"),
     ("dino", "dino_global_crops_loss"),
     ("ibot", "ibot_loss"),
     ("koleo", "koleo_loss"),
 )
-
-
-def _check_finite(values: dict[str, float], it: int, last_ckpt: Path | None) -> None:
-    """Stop at the first non-finite loss, naming the step, the losses and the checkpoint to go back to."""
-    if not math.isfinite(values["total_loss"]):
-        shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items() if "loss" in k)
-        raise DinoforgeError(
-            f"non-finite loss at iteration {it} ({shown}); last good checkpoint: {last_ckpt or 'none'}"
-        )
 
 
 def _silent(*_: object) -> None:
@@ -147,22 +81,6 @@ def _finalise_config(
         output_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, output_dir / "config.yaml")
     return schedules
-
-
-def _optimizer_step(cfg: DictConfig, model: SSLMetaArch, optimizer, scaler, sharded: bool) -> None:
-    """Average the student's gradients over ranks (FSDP2 reduces its own), unscale fp16 gradients, clip, step."""
-    if not sharded:
-        average_gradients(list(model.student.values()))
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    if cfg.optim.clip_grad:
-        for m in model.student.values():
-            torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.optim.clip_grad)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
 
 
 def train(
@@ -209,11 +127,7 @@ def train(
     start_iter, last_ckpt = 0, None
     if resume:
         start_iter, last_ckpt = resume_training_state(ckpt_dir, cfg, model, optimizer, sharded, rank, say)
-
-    amp_dtype = autocast_dtype(cfg, device)
-    scaler = (
-        torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 and cfg.compute_precision.grad_scaler else None
-    )
+    step = TrainStep(cfg, model, optimizer, schedules, device, sharded)
 
     def to_phase(phase: CropPhase) -> None:
         if model.arch["img_size"] != phase.global_size:
@@ -226,35 +140,29 @@ def train(
     monitor = StallMonitor(max_iter, cfg.train.recipe, warn=main and not quiet)
     last: dict[str, float] = {}
     skipped: dict[int, None] = {}  # dataset indices of unreadable images, in the order met (each once)
-    t0, n_images = time.perf_counter(), 0
+    t0, n_images, step_s = time.perf_counter(), 0, 0.0  # images/s of the whole loop and of the step alone
     try:
         for it, batch in batches:
             skipped.update(dict.fromkeys(batch["skipped"]))
             if "collated_global_crops" not in batch:
                 continue
             batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-            model.student.backbone.requires_grad_(it >= cfg.train.freeze_backbone_iters)  # heads-only warm-up
-            lr, wd, mom = schedules.lr[it], schedules.wd[it], schedules.momentum[it]
-            teacher_temp = schedules.teacher_temp[it]
-            apply_optim_scheduler(optimizer, lr, wd, schedules.last_layer_lr[it])
-            optimizer.zero_grad(set_to_none=True)
-            seed_step(cfg.train.seed, it, rank)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                parts = model.forward_backward(batch, teacher_temp=teacher_temp, scaler=scaler)
-            values = dist_utils.all_reduce_mean(parts)
-            _check_finite(values, it, last_ckpt)
-            _optimizer_step(cfg, model, optimizer, scaler, sharded)
-            model.update_teacher(mom)
+            t_step = time.perf_counter()
+            try:
+                values = step(it, batch)
+            except NonFiniteLoss as e:
+                raise DinoforgeError(f"{e}; last good checkpoint: {last_ckpt or 'none'}") from None
+            step_s += time.perf_counter() - t_step
 
             n_images += batch["collated_global_crops"].shape[0] // 2 * world
             ips = n_images / (time.perf_counter() - t0)
-            last = {**values, "lr": lr, "wd": wd, "momentum": mom, "teacher_temp": teacher_temp, "images_per_s": ips}
+            last = {**values, "images_per_s": ips, "step_images_per_s": n_images / step_s}
             if it % cfg.train.log_period_iterations == 0 or it == max_iter - 1:
                 last["stalled"] = monitor.check(it, values)
                 log.log(it, last)
             progress.update(
                 " ".join(f"{name} {values.get(key, 0):.3f}" for name, key in SHOWN_LOSSES)
-                + f" lr {lr:.2e} {ips:.0f} img/s"
+                + f" lr {values['lr']:.2e} {ips:.0f} img/s"
             )
             if (it + 1) % ckpt_period == 0 or it == max_iter - 1:
                 last_ckpt = save_training_state(cfg, model, optimizer, it, ckpt_dir, sharded, main)

@@ -82,6 +82,8 @@ class SSLMetaArch(nn.Module):
         student_backbone = DinoVisionTransformer(
             **self.arch, drop_path_rate=drop_path_rate, drop_path_uniform=cfg.student.drop_path_uniform
         )
+        if cfg.student.init != "official":
+            student_backbone.init_weights(cfg.student.init)
         for block in student_backbone.blocks:
             block.activation_checkpointing = bool(cfg.train.activation_checkpointing)
         embed_dim = student_backbone.embed_dim
