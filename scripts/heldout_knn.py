@@ -2,7 +2,7 @@
 trained on 10k and validated on 2k), for a trained backbone, the same architecture at random init, and raw pixels.
 
 Needs Debian's `dataset-fashion-mnist` (`apt-get install dataset-fashion-mnist`).
-Usage: python scripts/heldout_knn.py runs/demo/train/teacher_backbone.safetensors [--size 24]
+Usage: python scripts/heldout_knn.py runs/demo/train/teacher_backbone.safetensors [--size 24] [--init xavier]
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("weights", help="trained backbone (e.g. runs/demo/train/teacher_backbone.safetensors)")
     ap.add_argument("--size", type=int, default=24, help="evaluation side length (the demo's global crop size)")
+    ap.add_argument("--init", default="xavier", help="init of the random-init baseline (the demo's student.init)")
     args = ap.parse_args()
     trained = load_backbone(args.weights)
     torch.manual_seed(0)
     random_init = build_backbone(trained.arch)
+    random_init.init_weights(args.init)
     specs = dict(train_spec="bundled-full:train", val_spec="bundled-full:val", k=KNN_K, image_size=args.size)
     result = {
         "trained": backbone_knn_top1(trained, **specs),

@@ -20,6 +20,7 @@ def test_small_recipe_values_for_the_demo():
     assert cfg.teacher.teacher_temp == cfg.teacher.warmup_teacher_temp
     assert cfg.teacher.warmup_teacher_temp_epochs == 0
     assert cfg.student.layerscale == 0.1
+    assert cfg.student.init == "xavier"
     assert cfg.crops.blur_sigma_scale == pytest.approx(24 / 224, abs=1e-4)
     assert cfg.dino.head_n_prototypes == cfg.ibot.head_n_prototypes == 256  # 2 crops × 128 rows
     assert set(set_) >= {"teacher.momentum_teacher", "student.layerscale", "dino.head_n_prototypes"}
@@ -35,12 +36,14 @@ def test_small_recipe_knobs_vary_the_recipe():
         "train.small_recipe.ema_horizon=0.5",
         "train.small_recipe.teacher_temp=0.05",
         "train.small_recipe.layerscale=1e-5",
+        "train.small_recipe.init=official",
     ]
     cfg = load_config("demo", ["train.recipe=small", "optim.epochs=2", "student.layerscale=0.5", *knobs])
     resolve_recipe(cfg, n_images=10_000)
     assert cfg.teacher.momentum_teacher == pytest.approx(1 - 1 / (0.5 * 156), abs=1e-6)
     assert cfg.teacher.teacher_temp == cfg.teacher.warmup_teacher_temp == 0.05
     assert cfg.student.layerscale == 1e-5
+    assert cfg.student.init == "official"
 
 
 def test_prototypes_follow_the_batch():

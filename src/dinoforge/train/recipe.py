@@ -3,7 +3,8 @@
 The official values are tuned for 125k-iteration ImageNet-scale runs of 224 px crops. On a run of a few hundred
 steps they leave the DINO loss at log K: the EMA teacher (momentum 0.992 → 1) moves less than its own random init
 over the whole run, LayerScale 1e-5 gives every image the same CLS token so Sinkhorn-Knopp targets are exactly
-uniform, and the blur's sigma range is 9× too strong for 24 px crops. The small recipe derives these values from
+uniform, the init's fixed 0.02 std (xavier's at ViT-L width) leaves a narrow net's blocks adding ~1 % to the residual
+stream, and the blur's sigma range is 9× too strong for 24 px crops. The small recipe derives these values from
 the data set size, the batch, the step budget and the crop size instead; it never touches the official path.
 """
 
@@ -31,8 +32,9 @@ def resolve_recipe(cfg: DictConfig, n_images: int, world: int = 1) -> dict[str, 
     small: one epoch is one pass over the data (`train.OFFICIAL_EPOCH_LENGTH`), the teacher's EMA starts with a
     time constant of `train.small_recipe.ema_horizon` of the run and anneals to 1, the teacher temperature is
     `train.small_recipe.teacher_temp` with no warm-up, LayerScale starts at `train.small_recipe.layerscale`, the
+    backbone is drawn by `train.small_recipe.init` (xavier: width-aware, docs/learning.md), the
     blur sigma range scales with the global crop size (that of the high-res phase with its own), and both heads
-    get `prototypes_for(2 · global batch)` prototypes. The three `train.small_recipe` knobs are the way to vary the
+    get `prototypes_for(2 · global batch)` prototypes. The four `train.small_recipe` knobs are the way to vary the
     recipe: the keys it derives are set over any value given for them.
     """
     recipe = cfg.train.recipe
@@ -53,6 +55,7 @@ def resolve_recipe(cfg: DictConfig, n_images: int, world: int = 1) -> dict[str, 
         "teacher.warmup_teacher_temp": knobs.teacher_temp,
         "teacher.warmup_teacher_temp_epochs": 0,
         "student.layerscale": knobs.layerscale,
+        "student.init": knobs.init,
         "crops.blur_sigma_scale": round(cfg.crops.global_crops_size / BLUR_SIGMA_CROP, 4),
         "dino.head_n_prototypes": k,
         "ibot.head_n_prototypes": k,
