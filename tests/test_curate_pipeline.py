@@ -382,6 +382,12 @@ def test_killed_run_resumes_finished_stages_with_the_same_result(tmp_path, monke
     changed = _config(tmp_path, tmp_path / "pool", ["dedup.threshold=0.95"])
     with pytest.raises(Killed):  # another threshold: the dedup stage is not reused
         run_pipeline(changed, tmp_path / "out")
+    for meta in (tmp_path / "out" / "embeddings" / "pool").glob("shard_*.json"):  # re-embedded by another model
+        record = json.loads(meta.read_text())
+        meta.write_text(json.dumps(record | {"embedder": {"model": "another model of the same width"}}))
+    monkeypatch.setattr(pipeline, "embed_images", lambda *args: None)
+    with pytest.raises(Killed):  # the dedup (and so the k-means) stage is not reused
+        run_pipeline(cfg, tmp_path / "out")
 
 
 def test_cluster_settings_auto_rule_is_reported(tmp_path):

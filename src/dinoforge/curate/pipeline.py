@@ -130,7 +130,7 @@ def run_pipeline(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     memory = None if d.memory_gb is None else int(d.memory_gb * 2**30)
     plan = plan_index(len(pool), dim(pool.shards), d.index, memory, d.nlist, d.nprobe)
     eprint(f"dedup index: {plan.as_dict()}")
-    pool_key = {"pool": pool.paths, "shards": [int(s.shape[0]) for s in pool.shards]}
+    pool_key = {"pool": pool.paths, "shards": [int(s.shape[0]) for s in pool.shards], "embedder": pool.embedder}
     dedup_key = {**pool_key, "threshold": d.threshold, "plan": plan.as_dict(), "seed": cfg.seed}
 
     def run_dedup() -> dict[str, np.ndarray]:
@@ -153,7 +153,7 @@ def run_pipeline(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
             near |= near_reference(pool.shards, t.shards, d.test_threshold, gpu=cfg.gpu)[0]
         return {"near": near}
 
-    test_key = {**pool_key, "tests": [t.paths for t in tests], "threshold": d.test_threshold}
+    test_key = {**pool_key, "tests": [(t.paths, t.embedder) for t in tests], "threshold": d.test_threshold}
     near_test = _stage(out, "near_test", test_key, run_near_test)["near"][keep]
     report["test_near_duplicates_removed"] = int(near_test.sum())
     clean = keep[~near_test]

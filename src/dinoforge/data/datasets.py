@@ -1,9 +1,6 @@
-"""Datasets: image folders, file lists (.txt/.csv/.jsonl), tar shards, the bundled Fashion-MNIST subset, sample photos.
-
-Tar shards are in the webdataset layout `data/pack.py` writes (`KEY.<image ext>`, `KEY.cls`, `KEY.json` per sample).
-`ShardDataset` reads them map-style through an index built once (one pass over each tar's headers: every image
-member's offset and size, and its json), so an image is one positioned read, and the training sampler, its
-per-sample seeds and exact resume work on shards as on folders: each image read once per epoch over ranks and workers.
+"""Datasets: image folders, file lists (.txt/.csv/.jsonl), the bundled Fashion-MNIST subset, sample photos, and
+`build_dataset`, which also opens tar shards (`data/shards.py`: map-style through a saved index, so the training
+sampler, its per-sample seeds and exact resume work on shards as on folders).
 
 Every dataset returns `(image, label, index)` with label -1 when unknown, or None for an unreadable image so
 that one corrupt file never stops a run (`collate_skip_none` drops those samples from a batch).
@@ -14,9 +11,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
 import re
-import tarfile
 import warnings
 from collections.abc import Callable, Sequence
 from functools import lru_cache
@@ -24,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
@@ -202,7 +196,7 @@ class ImageFolderDataset(_PathDataset):
         paths, self.ignored = _scan(self.root)
         found = sorted({p.relative_to(self.root).parts[0] for p in paths if p.parent != self.root})
         if found and all(p.parent != self.root for p in paths):
-            classes = _check_classes(found, classes, self.root)
+            classes = check_classes(found, classes, self.root)
             index = {c: i for i, c in enumerate(classes)}
             labels = [index[p.relative_to(self.root).parts[0]] for p in paths]
         else:
@@ -211,7 +205,7 @@ class ImageFolderDataset(_PathDataset):
         self.classes = list(classes)
 
 
-def _check_classes(found: Sequence[str], classes: Sequence[str] | None, source: Path) -> Sequence[str]:
+def check_classes(found: Sequence[str], classes: Sequence[str] | None, source: Path) -> Sequence[str]:
     """The class list to index labels by: `classes` (e.g. the train split's) when given, else `found`."""
     if classes is None:
         return found
@@ -267,7 +261,7 @@ class FileListDataset(_PathDataset):
         if named and any(isinstance(x, int) for x in raw):
             raise DinoforgeError(f"{self.manifest}: mixes integer labels and class names")
         if named:
-            named = list(_check_classes(named, classes, self.manifest))
+            named = list(check_classes(named, classes, self.manifest))
         index = {c: i for i, c in enumerate(named)}
         labels = [-1 if x is None else index[x] if isinstance(x, str) else x for x in raw]
         super().__init__(paths, labels, transform, size)
@@ -365,112 +359,6 @@ class BundledDataset(Dataset):
         return f"{'bundled-full' if self.full else 'bundled'}:{self.split}/{index}"
 
 
-def shard_files(spec: str | Path) -> list[Path] | None:
-    """The tar files a shard spec names (`shards/{000000..000099}.tar`, `a.tar`, `{a,b}.tar`), in order; None when
-    `spec` is not a shard spec (it does not end in .tar). A missing shard is an error naming it."""
-    s = str(spec)
-    if not s.endswith(".tar"):
-        return None
-    files = [Path(p) for p in braceexpand(s)]
-    missing = [f for f in files if not f.is_file()]
-    if missing:
-        raise DinoforgeError(f"shard not found: {missing[0]} ({len(missing)} of the {len(files)} shards of {s})")
-    return files
-
-
-def _sample_key(name: str) -> tuple[str, str]:
-    """(key, extension) of a tar member as webdataset splits it: the extension starts at the base name's first dot."""
-    folder, _, base = name.rpartition("/")
-    key, _, ext = base.partition(".")
-    return (f"{folder}/{key}" if folder else key), ext.lower()
-
-
-def _index_shard(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """The samples of one shard in member order: {"offset", "size", "ext", "meta"} per sample with an image member;
-    plus the keys of samples without one (reported like non-image files in a folder)."""
-    samples: dict[str, dict[str, Any]] = {}
-    try:
-        with tarfile.open(path, "r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = _sample_key(member.name)
-                sample = samples.setdefault(key, {"meta": {}})
-                if ext in ("json", "cls"):
-                    raw = tar.extractfile(member).read()
-                    try:
-                        value = json.loads(raw)
-                    except ValueError:
-                        continue  # an unreadable label: the image stays, unlabelled
-                    if ext == "cls" and isinstance(value, int):
-                        sample["meta"].setdefault("label", value)
-                    elif ext == "json" and isinstance(value, dict):
-                        sample["meta"] = value | {k: v for k, v in sample["meta"].items() if k not in value}
-                elif f".{ext.rpartition('.')[2]}" in IMAGE_EXTENSIONS:
-                    sample |= {"offset": member.offset_data, "size": member.size, "ext": ext}
-    except (OSError, tarfile.TarError) as e:
-        raise DinoforgeError(f"cannot read shard {path}: {e}") from None
-    kept = [dict(s, key=k) for k, s in samples.items() if "offset" in s]
-    return kept, [f"{path}:{k}" for k, s in samples.items() if "offset" not in s]
-
-
-class ShardDataset(_PathDataset):
-    """The images of tar shards (see the module doc), map-style: item i is the i-th sample of the shards in order.
-
-    `.paths` holds the original names the packer recorded (item names; never opened), `.labels` and `.classes`
-    what a folder, file list or bundled set of the same images gives: the packed class index when every class has
-    images, else class names indexed in sorted order (or by `classes`).
-    A member that does not decode comes back as None, like a corrupt file."""
-
-    def __init__(self, shards: Sequence[Path], transform: Transform = None, classes: Sequence[str] | None = None):
-        self.shards = [Path(s) for s in shards]
-        shard_of, offsets, sizes, exts, metas, self.ignored = [], [], [], [], [], []
-        for i, path in enumerate(self.shards):
-            samples, ignored = _index_shard(path)
-            self.ignored += ignored
-            for s in samples:
-                shard_of.append(i)
-                offsets.append(s["offset"])
-                sizes.append(s["size"])
-                exts.append(s["ext"])
-                metas.append(s["meta"] | {"path": s["meta"].get("path") or f"{path}:{s['key']}"})
-        self.shard_of = np.asarray(shard_of, dtype=np.int32)
-        self.offsets, self.sizes = np.asarray(offsets, dtype=np.int64), np.asarray(sizes, dtype=np.int64)
-        self.exts = exts
-        pairs = {(m.get("label"), str(m["class"])) for m in metas if m.get("class") is not None}
-        named = sorted({name for _, name in pairs})
-        if named:
-            packed = sorted(p for p in pairs if isinstance(p[0], int))
-            if classes is None and len(packed) == len(pairs) and [p[0] for p in packed] == list(range(len(named))):
-                classes = [name for _, name in packed]  # the packed index: one label per class, every class present
-            named = list(_check_classes(named, classes, self.shards[0]))
-            index = {c: i for i, c in enumerate(named)}
-            labels = [index[str(m["class"])] if m.get("class") is not None else -1 for m in metas]
-        else:
-            labels = [m["label"] if isinstance(m.get("label"), int) else -1 for m in metas]
-        super().__init__([Path(m["path"]) for m in metas], labels, transform)
-        self.classes = named
-        self._fds: dict[int, int] = {}
-
-    def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__ | {"_fds": {}}  # loader workers open their own files
-
-    def __del__(self) -> None:
-        for fd in getattr(self, "_fds", {}).values():
-            os.close(fd)
-
-    def read_bytes(self, index: int) -> bytes:
-        """The encoded image of item `index`, as packed (one positioned read; the shard stays open)."""
-        shard = int(self.shard_of[index])
-        fd = self._fds.get(shard)
-        if fd is None:
-            fd = self._fds[shard] = os.open(self.shards[shard], os.O_RDONLY)
-        return os.pread(fd, int(self.sizes[index]), int(self.offsets[index]))
-
-    def _image(self, index: int):
-        return decode_image(self.read_bytes(index), self.item_name(index))
-
-
 def require_labels(labels: np.ndarray, spec: str, purpose: str) -> None:
     """One error line when `spec` holds unlabelled images (label -1) and `purpose` (e.g. "fine-tuning") needs labels."""
     if (np.asarray(labels) < 0).any():
@@ -519,6 +407,8 @@ def build_dataset(
     name, _, sub = s.partition(":")
     if name in ("bundled", "bundled-full") and not Path(s).exists():
         return BundledDataset(sub or split or "train", transform=transform, size=size, full=name == "bundled-full")
+    from dinoforge.data.shards import ShardDataset, shard_files  # shards build on this module
+
     shards = shard_files(s)
     if shards is not None:
         return ShardDataset(shards, transform, classes)
