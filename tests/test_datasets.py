@@ -7,10 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
+from dinoforge.data.bundled import BUNDLED_NPZ, FASHION_MNIST_DIR, BundledDataset, read_idx
 from dinoforge.data.datasets import (
-    BUNDLED_NPZ,
-    FASHION_MNIST_DIR,
-    BundledDataset,
     CorruptImageError,
     FileListDataset,
     ImageFolderDataset,
@@ -20,7 +18,6 @@ from dinoforge.data.datasets import (
     load_image,
     load_item,
     load_sample_photos,
-    read_idx,
 )
 from dinoforge.data.transforms import normalize_transform
 from dinoforge.utils import DinoforgeError

@@ -1,6 +1,7 @@
-"""Datasets: image folders, file lists (.txt/.csv/.jsonl), the bundled Fashion-MNIST subset, sample photos, and
-`build_dataset`, which also opens tar shards (`data/shards.py`: map-style through a saved index, so the training
-sampler, its per-sample seeds and exact resume work on shards as on folders).
+"""Datasets: image folders and file lists (.txt/.csv/.jsonl), sample photos, and `build_dataset`, the one entry
+from a spec, which also opens the bundled set (`data/bundled.py`) and tar shards (`data/shards.py`: map-style through
+a saved index, so the training sampler, its per-sample seeds and exact resume work on shards as on folders). Named
+classes are indexed in one place (`check_classes`) for folders, file lists and shards alike.
 
 Every dataset returns `(image, label, index)` with label -1 when unknown, or None for an unreadable image so
 that one corrupt file never stops a run (`collate_skip_none` drops those samples from a batch).
@@ -8,13 +9,10 @@ that one corrupt file never stops a run (`collate_skip_none` drops those samples
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
-import re
 import warnings
 from collections.abc import Callable, Sequence
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -22,40 +20,16 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
+from dinoforge.data.bundled import BundledDataset, bundled_item
 from dinoforge.utils import DinoforgeError, eprint
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 MANIFEST_EXTENSIONS: frozenset[str] = frozenset({".txt", ".csv", ".jsonl"})
-BUNDLED_NPZ = Path(__file__).resolve().parent / "bundled" / "fashion_mnist_subset.npz"
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_CLASSES: tuple[str, ...] = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
-
 Transform = Callable[[Image.Image], Any] | None
 
 
 class CorruptImageError(DinoforgeError):
     """An image file that cannot be opened or decoded (truncated, not an image, missing)."""
-
-
-def read_idx(path: str | Path) -> np.ndarray:
-    """Read an (optionally gzipped) IDX file, the format of the MNIST family."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
 def is_image_file(path: str | Path) -> bool:
@@ -109,18 +83,6 @@ def _rgb(source: str | Path | io.BytesIO, name: str | Path) -> Image.Image:
             return im.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise CorruptImageError(f"cannot read image {name}: {e}") from None
-
-
-_BUNDLED_ITEM = re.compile(r"(bundled|bundled-full):(train|val)/(\d+)")
-
-
-def bundled_item(name: str | Path) -> tuple[str, bool, int] | None:
-    """(split, full, index) when `name` names a bundled image the way `BundledDataset.item_name` writes it
-    (`bundled:train/17`, `bundled-full:val/3`) and is not an existing file; else None."""
-    m = _BUNDLED_ITEM.fullmatch(str(name))
-    if m is None or Path(name).exists():
-        return None
-    return m[2], m[1] == "bundled-full", int(m[3])
 
 
 def load_item(name: str | Path, size: int = 32) -> Image.Image:
@@ -303,60 +265,6 @@ class FileListDataset(_PathDataset):
                     raise DinoforgeError(f"{self.manifest}:{lineno}: {e}") from None
             records.append(rec)
         return records
-
-
-@lru_cache(maxsize=4)
-def _load_fashion_mnist(split: str, full: bool) -> tuple[np.ndarray, np.ndarray]:
-    if not full:
-        with np.load(BUNDLED_NPZ) as z:
-            return z[f"{split}_images"], z[f"{split}_labels"].astype(np.int64)
-    prefix = "train" if split == "train" else "t10k"
-    img = FASHION_MNIST_DIR / f"{prefix}-images-idx3-ubyte.gz"
-    lab = FASHION_MNIST_DIR / f"{prefix}-labels-idx1-ubyte.gz"
-    if not (img.is_file() and lab.is_file()):
-        raise DinoforgeError(
-            f"full Fashion-MNIST not found in {FASHION_MNIST_DIR}: install the Debian package "
-            "dataset-fashion-mnist, or use the bundled subset ('bundled')"
-        )
-    return read_idx(img), read_idx(lab).astype(np.int64)
-
-
-class BundledDataset(Dataset):
-    """Fashion-MNIST as RGB PIL images: the bundled class-balanced subset (10k train / 2k val), or with
-    `full=True` the 60k/10k set from the Debian package. The 28 px images are placed on a black canvas of
-    `size` px (28→32 by default, so a patch-4 ViT sees an 8×8 grid; larger sizes upscale the same layout)."""
-
-    classes: list[str] = list(FASHION_MNIST_CLASSES)
-
-    def __init__(self, split: str = "train", transform: Transform = None, size: int = 32, full: bool = False):
-        if split not in ("train", "val"):
-            raise DinoforgeError(f"split must be 'train' or 'val', got {split!r}")
-        if size < 8:
-            raise DinoforgeError(f"size must be at least 8 px, got {size}")
-        self.split, self.transform, self.size, self.full = split, transform, size, full
-        self.images, self.labels = _load_fashion_mnist(split, full)
-        self._inner = max(1, round(size * 28 / 32)) if size != 28 else 28
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def pil(self, index: int) -> Image.Image:
-        """Item `index` as an RGB PIL image of `size` px."""
-        img = Image.fromarray(self.images[index])
-        if self._inner != 28:
-            img = img.resize((self._inner, self._inner), Image.BICUBIC)
-        canvas = Image.new("L", (self.size, self.size))
-        off = (self.size - self._inner) // 2
-        canvas.paste(img, (off, off))
-        return canvas.convert("RGB")
-
-    def __getitem__(self, index: int):
-        img = self.pil(index)
-        return (self.transform(img) if self.transform else img), int(self.labels[index]), index
-
-    def item_name(self, index: int) -> str:
-        """A stable name for item `index`, e.g. `bundled:val/17`."""
-        return f"{'bundled-full' if self.full else 'bundled'}:{self.split}/{index}"
 
 
 def require_labels(labels: np.ndarray, spec: str, purpose: str) -> None:
