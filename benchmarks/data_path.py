@@ -309,7 +309,7 @@ def startup(args: argparse.Namespace) -> list[dict]:
         spec = f"{root}/{{{0:06d}..{args.shards - 1:06d}}}.tar"
         ctx = mp.get_context("spawn")
         records = []
-        for ranks in (1, args.ranks):
+        for ranks in sorted({1, args.ranks}):
             queue = ctx.Queue()
             procs = [ctx.Process(target=_first_batch, args=(spec, args.batch, queue)) for _ in range(ranks)]
             for p in procs:

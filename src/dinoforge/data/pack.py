@@ -16,7 +16,7 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from dinoforge.data.datasets import BundledDataset, FileListDataset, bundled_item
-from dinoforge.data.shards import ShardDataset, ensure_indexes
+from dinoforge.data.shards import ShardDataset, write_index
 from dinoforge.utils import DinoforgeError, track, write_json
 
 SHARD_NAME = "%06d.tar"  # shard file names in a packed folder: 000000.tar, 000001.tar, ...
@@ -78,7 +78,8 @@ def pack_shards(dataset: Dataset, out_dir: str | Path, max_images: int = 10000, 
             writer.write(sample | ({"cls": label} if label >= 0 else {}))
             written += 1
     files = sorted(out_dir.glob("*.tar"))
-    ensure_indexes(files)
+    for f in files:
+        write_index(f)
     record = {
         "spec": shard_spec(files),
         "images": written,

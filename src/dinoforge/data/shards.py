@@ -1,7 +1,7 @@
 """Tar shards in the webdataset layout (`KEY.<image ext>`, `KEY.cls`, `KEY.json` per sample), read map-style
 through a saved index: one `<shard>.idx.npz` per shard (offsets, sizes, labels as numpy columns, written at pack
-time), so start-up reads a few numbers per sample and no tar. Shards from another tool are indexed once (in parallel,
-by one rank) and the index is cached beside them, or under the user's cache folder when theirs is read-only.
+time), so start-up reads a few numbers per sample and no tar. Shards from another tool are indexed once (in
+parallel, by one process of the machine) and the index saved beside them, or in the user's cache when read-only.
 
 An image is one positioned read from a bounded set of open shards (an LRU of file handles). A shard that cannot be
 indexed (truncated, not a tar) is skipped and counted, with its name printed once, like a corrupt member.
@@ -9,6 +9,7 @@ indexed (truncated, not a tar) is skipped and counted, with its name printed onc
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -164,22 +165,23 @@ def _read_info(path: Path) -> dict | None:
 
 
 def ensure_indexes(shards: Sequence[Path], workers: int | None = None) -> dict[Path, str]:
-    """Index the shards that have no current index, in parallel processes, on one rank (the others wait): returns
-    the shards that could not be indexed, with their error line."""
-    missing = [p for p in shards if _read_info(p) is None]
-    failed: dict[Path, str] = {}
-    if missing and distributed.rank() == 0:
-        workers = workers or min(len(missing), os.cpu_count() or 1)
+    """Index the shards that have no current index, in parallel processes: returns the shards that could not be
+    indexed, with their error line. One process of this machine builds them (a file lock in the user's cache, not a
+    collective, so a rank may open shards alone); the others wait for it and then read what it saved."""
+    if all(_read_info(p) is not None for p in shards):
+        return {}
+    lock = _cached_index_path(Path(shards[0])).with_suffix(".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        missing = [p for p in shards if _read_info(p) is None]
+        workers = max(1, min(len(missing), workers or os.cpu_count() or 1))
         if workers > 1:
             with ProcessPoolExecutor(workers) as pool:
                 errors = list(pool.map(_index_or_error, missing, chunksize=max(1, len(missing) // (4 * workers))))
         else:
             errors = [_index_or_error(p) for p in missing]
-        failed = {p: e for p, e in zip(missing, errors, strict=True) if e}
-    if distributed.world_size() > 1:
-        distributed.barrier()
-        failed = distributed.broadcast_object(failed)
-    return failed
+    return {p: e for p, e in zip(missing, errors, strict=True) if e}
 
 
 class ShardDataset(Dataset):
@@ -194,7 +196,7 @@ class ShardDataset(Dataset):
     def __init__(self, shards: Sequence[Path], transform: Transform = None, classes: Sequence[str] | None = None):
         failed = ensure_indexes([Path(s) for s in shards])
         self.skipped_shards = [str(p) for p in failed]
-        if failed:
+        if failed and distributed.rank_world_or_env()[0] == 0:  # named once, not once per rank
             first = next(iter(failed.values()))
             eprint(f"skipped {len(failed)} unreadable shard(s) of {len(shards)} (first: {first})")
         self.shards = [Path(s) for s in shards if Path(s) not in failed]
