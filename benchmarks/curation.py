@@ -402,7 +402,10 @@ def main() -> None:
     ap.add_argument("--tmp", default=None, help="folder for the pool's shards (default: the system's temp)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=2, help="k-means timings: best of this many runs")
-    ap.add_argument("--skip", action="append", default=[], choices=["kmeans", "dedup", "raw"])
+    ap.add_argument(
+        "--skip", action="append", default=[], choices=["kmeans", "dedup", "raw", "plain"],
+        help="plain: with --placeholder, only the pool that holds the placeholder",
+    )  # fmt: skip
     args = ap.parse_args()
     emit(
         bench="env",
@@ -414,7 +417,7 @@ def main() -> None:
     )
     for n in args.n or [1_000_000]:
         if "dedup" not in args.skip:
-            for placeholder in sorted({0, args.placeholder}):
+            for placeholder in sorted({0, args.placeholder} - ({0} if "plain" in args.skip else set())):
                 bench_dedup(args, n, placeholder)
         if "kmeans" not in args.skip:
             x = synthetic(n, args.d, 1000, args.seed)
