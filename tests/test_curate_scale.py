@@ -216,3 +216,27 @@ def test_mixed_widths_are_one_line(tmp_path):
     shards = [np.load(tmp_path / f"{k}.npy", mmap_mode="r") for k in "ab"]
     with pytest.raises(DinoforgeError, match="b.npy holds 6-wide vectors, .*a.npy 8-wide"):
         dedup(shards, 0.9)
+
+
+def test_peak_memory_follows_the_plan_with_or_without_a_placeholder_cluster(tmp_path):
+    """numpy's allocations during dedup (tracemalloc sees them; the join path has no faiss storage) against the
+    plan's estimate, for a pool and for the same pool with a tenth of it one repeated vector."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    n, d = 100_000, 64
+    x = rng.normal(size=(n, d)).astype(np.float16)
+    copies = rng.choice(n, n // 10, replace=False)
+    peaks = []
+    for name in ("plain", "placeholder"):
+        if name == "placeholder":
+            x[copies] = x[copies[0]]
+        np.save(tmp_path / f"{name}.npy", x)
+        plan = plan_index(n, d, "ivf")
+        tracemalloc.start()
+        res = dedup([np.load(tmp_path / f"{name}.npy", mmap_mode="r")], 0.9, plan)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        assert 0.5 * plan.index_bytes < peaks[-1] < 1.5 * plan.index_bytes, (name, peaks[-1], plan.index_bytes)
+    assert len(np.unique(res.component[copies])) == 1
+    assert peaks[1] < 1.5 * peaks[0]
