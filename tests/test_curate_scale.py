@@ -240,3 +240,20 @@ def test_peak_memory_follows_the_plan_with_or_without_a_placeholder_cluster(tmp_
         assert 0.5 * plan.index_bytes < peaks[-1] < 1.5 * plan.index_bytes, (name, peaks[-1], plan.index_bytes)
     assert len(np.unique(res.component[copies])) == 1
     assert peaks[1] < 1.5 * peaks[0]
+
+
+def test_missing_shard_files_are_one_line_naming_them(tmp_path):
+    from dinoforge.curate.store import EmbeddingStore
+    from dinoforge.utils import write_json
+
+    for s in range(3):
+        np.save(tmp_path / f"shard_{s:05d}.npy", np.ones((2, 4), np.float16))
+        write_json(tmp_path / f"shard_{s:05d}.json", {"paths": [f"{s}a", f"{s}b"], "skipped": [], "embedder": None})
+    assert len(EmbeddingStore.open(tmp_path)) == 6
+    (tmp_path / "shard_00001.npy").unlink()
+    with pytest.raises(DinoforgeError, match=r"cannot read embedding shard .*shard_00001.npy"):
+        EmbeddingStore.open(tmp_path)
+    np.save(tmp_path / "shard_00001.npy", np.ones((2, 4), np.float16))
+    (tmp_path / "shard_00002.json").unlink()  # its vectors would be dropped without a word
+    with pytest.raises(DinoforgeError, match=r"shard_00002.npy has no .json file list \(1 such shards\)"):
+        EmbeddingStore.open(tmp_path)
