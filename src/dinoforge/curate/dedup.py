@@ -96,8 +96,6 @@ def plan_index(
     least 39 rows per list, which is also the training sample: 39 random rows per list."""
     if index not in INDEX_TYPES:
         raise DinoforgeError(f"unknown index type {index!r} (choose {', '.join(INDEX_TYPES)})")
-    if n < 1:
-        raise DinoforgeError("de-duplication of an empty pool")
     budget = memory_budget() if memory_bytes is None else memory_bytes
     probes = nprobe or 4
     if index == "auto":
