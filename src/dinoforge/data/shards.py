@@ -150,31 +150,33 @@ def _index_or_error(path: Path) -> str | None:
     return None
 
 
-def _read_info(path: Path) -> dict | None:
-    """A shard's saved index header when it is current (its version and the tar's size match), else None."""
+def _read_index(path: Path) -> tuple[dict, np.ndarray, np.ndarray] | None:
+    """A shard's saved index when it is current (its version and the tar's size match): its header and its label
+    and class columns (all that start-up reads); else None."""
     idx = index_path(path)
     if not idx.exists():
         return None
     try:
         with np.load(idx) as z:
             info = json.loads(str(z["info"]))
+            if info.get("version") != INDEX_VERSION or info.get("tar_bytes") != path.stat().st_size:
+                return None
+            return info, z["label"], z["klass"]
     except (OSError, ValueError, KeyError):
         return None
-    ok = info.get("version") == INDEX_VERSION and info.get("tar_bytes") == path.stat().st_size
-    return info if ok else None
 
 
 def ensure_indexes(shards: Sequence[Path], workers: int | None = None) -> dict[Path, str]:
     """Index the shards that have no current index, in parallel processes: returns the shards that could not be
     indexed, with their error line. One process of this machine builds them (a file lock in the user's cache, not a
     collective, so a rank may open shards alone); the others wait for it and then read what it saved."""
-    if all(_read_info(p) is not None for p in shards):
+    if not shards:
         return {}
     lock = _cached_index_path(Path(shards[0])).with_suffix(".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
-        missing = [p for p in shards if _read_info(p) is None]
+        missing = [p for p in shards if _read_index(p) is None]
         workers = max(1, min(len(missing), workers or os.cpu_count() or 1))
         if workers > 1:
             with ProcessPoolExecutor(workers) as pool:
@@ -194,7 +196,9 @@ class ShardDataset(Dataset):
     shard is left out, listed in `.skipped_shards` and named once on stderr."""
 
     def __init__(self, shards: Sequence[Path], transform: Transform = None, classes: Sequence[str] | None = None):
-        failed = ensure_indexes([Path(s) for s in shards])
+        saved = {Path(p): _read_index(Path(p)) for p in shards}
+        failed = ensure_indexes([p for p, index in saved.items() if index is None])
+        saved |= {p: _read_index(p) for p, index in saved.items() if index is None and p not in failed}
         self.skipped_shards = [str(p) for p in failed]
         if failed and distributed.rank_world_or_env()[0] == 0:  # named once, not once per rank
             first = next(iter(failed.values()))
@@ -203,12 +207,9 @@ class ShardDataset(Dataset):
         if not self.shards:
             raise DinoforgeError(next(iter(failed.values())) if failed else "no shards")
         self.transform = transform
-        infos, labels, klasses = [], [], []
-        for path in self.shards:
-            with np.load(index_path(path)) as z:
-                infos.append(json.loads(str(z["info"])))
-                labels.append(z["label"])
-                klasses.append(z["klass"])
+        if any(saved[p] is None for p in self.shards):
+            raise DinoforgeError(f"cannot read the saved index of {next(p for p in self.shards if saved[p] is None)}")
+        infos, labels, klasses = zip(*(saved[p] for p in self.shards), strict=True)
         self.ignored = [f"{p}:{k}" for p, info in zip(self.shards, infos, strict=True) for k in info["ignored"]]
         self._exts = [info["exts"] for info in infos]
         self.starts = np.cumsum([0] + [len(x) for x in labels])
