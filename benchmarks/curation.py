@@ -6,10 +6,12 @@
   the same index (same lists, probes, training sample; the pool as an fp32 array, a k-NN search of every row), each
   in its own process for an honest peak RSS. Reports time, peak RSS, planted-copy recall and precision, recall
   against exact search on a sample, evaluation copies removed, and (`--balance`) the balance of a balanced sample
-  against the pool, measured on the generator's true clusters.
+  against the pool, measured on the generator's true clusters. `--placeholder N` runs the pool a second time with N
+  rows replaced by one vector (a web pool's "image unavailable" image), to compare peak memory.
 - `kmeans`: seconds per iteration against raw faiss and a plain-torch k-means (chunked cdist, float64 sums).
 
     python benchmarks/curation.py --n 1000000 --skip kmeans
+    python benchmarks/curation.py --n 1000000 --skip kmeans --skip raw --placeholder 100000
 Prints one JSON line per measurement; ratios compare peers run in this same invocation on the same data.
 """
 
@@ -161,7 +163,8 @@ def _ours(folder: str, eval_file: str, index: str, threshold: float, recall_quer
 
 def _raw_faiss(folder: str, plan: dict, threshold: float, q) -> None:
     """The peer: the pool loaded as one fp32 array, IndexIVFFlat (or IndexFlatIP) with the same lists, probes and
-    training rows, a k-NN search of every row, pairs at or above the threshold, as a faiss user would write it."""
+    training rows, a k-NN search of every row, pairs at or above the threshold found from either of their rows, as a
+    faiss user would write it."""
     x = np.concatenate([np.load(p) for p in sorted(Path(folder).glob("shard_*.npy"))]).astype(np.float32)
     faiss.normalize_L2(x)
     t, c, load = time.perf_counter(), _cpu_s(), os.getloadavg()[0]
@@ -178,9 +181,9 @@ def _raw_faiss(folder: str, plan: dict, threshold: float, q) -> None:
     for s in range(0, n, 16384):
         dd, ii = index.search(x[s : s + 16384], plan["k"])
         qi = np.broadcast_to(np.arange(s, s + len(dd))[:, None], ii.shape)
-        ok = (dd >= threshold) & (ii > qi)
-        src.append(qi[ok])
-        dst.append(ii[ok])
+        ok = (dd >= threshold) & (ii >= 0) & (ii != qi)  # from both sides: a pair found by either row
+        src.append(np.minimum(qi, ii)[ok])
+        dst.append(np.maximum(qi, ii)[ok])
     seconds, cpu = time.perf_counter() - t, _cpu_s() - c
     pairs = np.unique(np.stack([np.concatenate(src), np.concatenate(dst)], 1), axis=0)
     load = [round(load, 2), round(os.getloadavg()[0], 2)]
@@ -211,9 +214,21 @@ def planted_scores(pairs: np.ndarray, group: np.ndarray) -> dict:
     }
 
 
-def bench_dedup(args, n: int) -> None:
+def add_placeholder(data: dict[str, np.ndarray], rows: int, seed: int) -> None:
+    """Replace `rows` pool rows (none of them planted copies or their originals) by one vector: the embedding of an
+    "image unavailable" placeholder that web pools hold many times. They form one planted group."""
+    free = np.nonzero((data["group"] < 0) & ~data["eval_copy"])[0]
+    rng = np.random.default_rng(seed + 1)
+    picked = np.sort(rng.choice(free, size=rows, replace=False))
+    data["pool"][picked] = _unit(rng.standard_normal((1, data["pool"].shape[1])).astype(np.float32))
+    data["group"][picked] = picked[0]
+
+
+def bench_dedup(args, n: int, placeholder: int = 0) -> None:
     t = time.perf_counter()
     data = realistic_pool(n, args.d, seed=args.seed)
+    if placeholder:
+        add_placeholder(data, placeholder, args.seed)
     gen_s = time.perf_counter() - t
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         folder = Path(tmp) / "pool"
@@ -236,6 +251,7 @@ def bench_dedup(args, n: int) -> None:
         bench="dedup",
         n=n,
         d=args.d,
+        placeholder_rows=placeholder,
         threshold=args.threshold,
         generate_s=round(gen_s, 1),
         index=ours["plan"],
@@ -260,7 +276,7 @@ def bench_dedup(args, n: int) -> None:
         pool_rows_flagged_near_eval=int(ours["near_eval"].sum()),
         near_eval_s=round(ours["near_eval_s"], 2),
         balance=balance,
-        note="s: index build + duplicate search + components; the peer's: build + search (no components)",
+        note="s: copy collapse + index build + duplicate search + components; the peer's: build + search",
     )
 
 
@@ -379,11 +395,17 @@ def main() -> None:
     ap.add_argument("--nprobe", type=int, default=None, help="dedup: IVF probes (default: the plan's)")
     ap.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
     ap.add_argument("--recall-queries", type=int, default=1000, help="dedup: sample checked by exact search")
+    ap.add_argument(
+        "--placeholder", type=int, default=0, help="dedup: also run the pool with this many copies of one vector"
+    )
     ap.add_argument("--balance", default=None, help="dedup: also cluster (levels, e.g. 1000,50) and sample")
     ap.add_argument("--tmp", default=None, help="folder for the pool's shards (default: the system's temp)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=2, help="k-means timings: best of this many runs")
-    ap.add_argument("--skip", action="append", default=[], choices=["kmeans", "dedup", "raw"])
+    ap.add_argument(
+        "--skip", action="append", default=[], choices=["kmeans", "dedup", "raw", "plain"],
+        help="plain: with --placeholder, only the pool that holds the placeholder",
+    )  # fmt: skip
     args = ap.parse_args()
     emit(
         bench="env",
@@ -395,7 +417,8 @@ def main() -> None:
     )
     for n in args.n or [1_000_000]:
         if "dedup" not in args.skip:
-            bench_dedup(args, n)
+            for placeholder in sorted({0, args.placeholder} - ({0} if "plain" in args.skip else set())):
+                bench_dedup(args, n, placeholder)
         if "kmeans" not in args.skip:
             x = synthetic(n, args.d, 1000, args.seed)
             bench_kmeans(x, args.k, args.niter, args.seed, args.repeat)

@@ -7,6 +7,8 @@ the folder loader of the same JPEGs (decode to uint8 tensors in loader workers),
     python benchmarks/data_path.py --step-images-per-s 400  # cores for a step that eats 400 images/s
     python benchmarks/data_path.py --loaders --workers 2    # shards vs folder, images/s (ratio)
     python benchmarks/data_path.py --device cuda            # + the batched augmentation on the GPU, JPEG decode on GPU
+    python benchmarks/data_path.py --startup --shards 10000 # time to the first batch from 100M samples, 1 and 8 ranks
+    python benchmarks/data_path.py --vs-wids --shards 200 --per-shard 1000  # random shard reads against wids
 
 Prints one JSON line per measurement; each names its peer and the ratio. Rounds alternate the peers, and the
 best round of each counts (the least disturbed by other work on a shared machine).
@@ -246,6 +248,135 @@ def loaders(args: argparse.Namespace) -> list[dict]:
     ]
 
 
+def _tiny_tar(path: Path, members: int) -> None:
+    """A shard of `members` samples, each a 1x1 PNG and a .cls label, written as raw tar blocks (fast: the start-up
+    benchmark needs millions of index entries, not image data)."""
+    import tarfile
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, format="PNG")
+    png = buf.getvalue()
+    out = bytearray()
+    for i in range(members):
+        for name, data in ((f"{i:09d}.png", png), (f"{i:09d}.cls", str(i % 1000).encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            out += info.tobuf(tarfile.USTAR_FORMAT) + data + bytes(-len(data) % 512)
+    path.write_bytes(bytes(out + bytes(1024)))
+
+
+def _first_batch(spec: str, batch: int, queue) -> None:
+    """One rank's start-up: open the shards through their saved indexes and load the first batch (decoded); then,
+    untimed, the peak of numpy and Python allocations while opening them again (tracemalloc), per sample."""
+    import tracemalloc
+
+    t = time.perf_counter()
+    dataset = build_dataset(spec, transform=to_uint8_tensor)
+    opened = time.perf_counter() - t
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, collate_fn=list)
+    next(iter(loader))
+    first = time.perf_counter() - t
+    samples = len(dataset)
+    del dataset, loader
+    tracemalloc.start()
+    kept = build_dataset(spec, transform=to_uint8_tensor)
+    current, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    del kept
+    queue.put({"open_s": opened, "first_batch_s": first, "peak": peak, "kept": current, "samples": samples})
+
+
+def startup(args: argparse.Namespace) -> list[dict]:
+    """Time to the first batch from shards holding `shards x per_shard` samples, for 1 rank and for `ranks` ranks at
+    once (processes started together, as torchrun's are), and the memory per sample. The shards are hard links of
+    one tiny tar and their saved indexes copies of its index: start-up reads every index as it would at scale."""
+    import multiprocessing as mp
+    import os
+    import shutil
+
+    from dinoforge.data.shards import index_path, write_index
+
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        root = Path(tmp)
+        first = root / f"{0:06d}.tar"
+        _tiny_tar(first, args.per_shard)
+        t = time.perf_counter()
+        write_index(first)
+        index_s = time.perf_counter() - t
+        for s in range(1, args.shards):
+            os.link(first, root / f"{s:06d}.tar")
+            shutil.copyfile(index_path(first), index_path(root / f"{s:06d}.tar"))
+        spec = f"{root}/{{{0:06d}..{args.shards - 1:06d}}}.tar"
+        ctx = mp.get_context("spawn")
+        records = []
+        for ranks in sorted({1, args.ranks}):
+            queue = ctx.Queue()
+            procs = [ctx.Process(target=_first_batch, args=(spec, args.batch, queue)) for _ in range(ranks)]
+            for p in procs:
+                p.start()
+            got = [queue.get() for _ in procs]
+            for p in procs:
+                p.join()
+            samples = got[0]["samples"]
+            records.append(
+                _line(
+                    {
+                        "measurement": "shards_start_up",
+                        "ranks": ranks,
+                        "shards": args.shards,
+                        "samples": samples,
+                        "open_s_max": round(max(g["open_s"] for g in got), 2),
+                        "first_batch_s_max": round(max(g["first_batch_s"] for g in got), 2),
+                        "bytes_per_sample_peak": round(max(g["peak"] for g in got) / samples, 1),
+                        "bytes_per_sample_kept": round(max(g["kept"] for g in got) / samples, 1),
+                        "index_build_us_per_sample_once": round(index_s / args.per_shard * 1e6, 1),
+                        "peer": "none (the figure to meet: under 60 s per rank at 100M samples, 50 bytes a sample)",
+                    }
+                )
+            )
+    return records
+
+
+def versus_wids(args: argparse.Namespace) -> list[dict]:
+    """Random access (the training sampler's order) over `shards x per_shard` samples: ShardDataset's saved index and
+    positioned reads against wids' ShardListDataset (webdataset's indexed reader: it scans a shard's headers when it
+    opens it, and keeps `OPEN_SHARDS` shards open, as ours does), raw sample bytes, the same indices. wids is not a
+    dependency: install it to run this (`pip install wids`)."""
+    import wids
+
+    from dinoforge.data.shards import OPEN_SHARDS, ShardDataset
+
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        files = [Path(tmp) / f"{s:06d}.tar" for s in range(args.shards)]
+        for f in files:
+            _tiny_tar(f, args.per_shard)
+        t = time.perf_counter()
+        ours = ShardDataset(files)
+        index_s = time.perf_counter() - t
+        theirs = wids.ShardListDataset(
+            [{"url": str(f), "nsamples": args.per_shard} for f in files], transformations=[], lru_size=OPEN_SHARDS
+        )
+        order = np.random.default_rng(0).permutation(len(ours))[: args.images * 50].tolist()
+        rates = {"ours": 0.0, "wids": 0.0}
+        for _ in range(args.rounds):
+            rates["ours"] = max(rates["ours"], _best_rate(lambda: sum(1 for i in order if ours.read_bytes(i)), 1))
+            rates["wids"] = max(rates["wids"], _best_rate(lambda: sum(1 for i in order if theirs[i][".png"]), 1))
+    return [
+        _line(
+            {
+                "measurement": "shard_random_reads_per_s",
+                "shards": args.shards,
+                "samples": len(order),
+                "ours_reads_per_s": round(rates["ours"], 1),
+                "peer": "wids ShardListDataset",
+                "wids_reads_per_s": round(rates["wids"], 1),
+                "ratio_vs_peer": round(rates["ours"] / rates["wids"], 3),
+                "our_index_build_s_once": round(index_s, 2),
+            }
+        )
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=64, help="JPEGs per round")
@@ -262,13 +393,23 @@ def main() -> None:
     ap.add_argument("--loaders", action="store_true", help="only the shard vs folder loader comparison")
     ap.add_argument("--workers", type=int, default=2, help="loader worker processes (--loaders)")
     ap.add_argument("--shard-images", type=int, default=1000, help="images per shard (--loaders)")
+    ap.add_argument("--startup", action="store_true", help="only the shard start-up figure (saved index)")
+    ap.add_argument("--vs-wids", action="store_true", help="only random shard reads against wids (pip install wids)")
+    ap.add_argument("--shards", type=int, default=1000, help="shards (--startup)")
+    ap.add_argument("--per-shard", type=int, default=10000, help="samples per shard (--startup)")
+    ap.add_argument("--ranks", type=int, default=8, help="ranks starting at once (--startup)")
+    ap.add_argument("--tmp", default=None, help="folder for the start-up shards (default: the system's temp)")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda to add the on-GPU batched augmentation")
     ap.add_argument("--out", type=Path, help="also write the records to this JSON file")
     args = ap.parse_args()
     crops = OFFICIAL | {"local_crops_size": args.local_crops_size}
     if args.device != "cpu" and not torch.cuda.is_available():
         raise DinoforgeError(f"--device {args.device}: CUDA is not available")
-    if args.loaders:
+    if args.startup:
+        records = startup(args)
+    elif args.vs_wids:
+        records = versus_wids(args)
+    elif args.loaders:
         records = loaders(args)
     else:
         records = per_core(args, crops)

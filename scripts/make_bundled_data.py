@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dinoforge.data.datasets import read_idx
+from dinoforge.data.bundled import read_idx
 
 OUT = Path(__file__).resolve().parents[1] / "src/dinoforge/data/bundled/fashion_mnist_subset.npz"
 

@@ -20,6 +20,7 @@ from dinoforge.curate.pipeline import run_pipeline
 from dinoforge.curate.store import EmbeddingStore
 from dinoforge.data.datasets import FileListDataset, load_sample_photos
 from dinoforge.utils import DinoforgeError
+from dinoforge.viz.montage import montage
 
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "motorcycle_left"]  # motorcycle_right is a stereo twin
 
@@ -198,7 +199,7 @@ def _make_sets(tmp_path):
 
 def test_pipeline_end_to_end(tmp_path):
     paths, truth, protected = _make_sets(tmp_path)
-    report = run_pipeline(_config(tmp_path, tmp_path / "pool"), tmp_path / "out")
+    report = run_pipeline(_config(tmp_path, tmp_path / "pool"), tmp_path / "out", draw=montage)
     assert report["pool_unreadable"] == 1
     assert report["dedup"]["removed"] >= 0.95 * len(truth)
     assert report["test_near_duplicates_removed"] >= 10  # each protected original (its copy went in dedup)
@@ -382,6 +383,12 @@ def test_killed_run_resumes_finished_stages_with_the_same_result(tmp_path, monke
     changed = _config(tmp_path, tmp_path / "pool", ["dedup.threshold=0.95"])
     with pytest.raises(Killed):  # another threshold: the dedup stage is not reused
         run_pipeline(changed, tmp_path / "out")
+    for meta in (tmp_path / "out" / "embeddings" / "pool").glob("shard_*.json"):  # re-embedded by another model
+        record = json.loads(meta.read_text())
+        meta.write_text(json.dumps(record | {"embedder": {"model": "another model of the same width"}}))
+    monkeypatch.setattr(pipeline, "embed_set", lambda *args: None)
+    with pytest.raises(Killed):  # the dedup (and so the k-means) stage is not reused
+        run_pipeline(cfg, tmp_path / "out")
 
 
 def test_cluster_settings_auto_rule_is_reported(tmp_path):

@@ -7,10 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
+from dinoforge.data.bundled import BUNDLED_NPZ, FASHION_MNIST_DIR, BundledDataset, read_idx
 from dinoforge.data.datasets import (
-    BUNDLED_NPZ,
-    FASHION_MNIST_DIR,
-    BundledDataset,
     CorruptImageError,
     FileListDataset,
     ImageFolderDataset,
@@ -20,7 +18,6 @@ from dinoforge.data.datasets import (
     load_image,
     load_item,
     load_sample_photos,
-    read_idx,
 )
 from dinoforge.data.transforms import normalize_transform
 from dinoforge.utils import DinoforgeError
@@ -247,8 +244,9 @@ def test_curated_manifest_of_the_bundled_set_reads_back(tmp_path):
     """Curating `bundled:val` writes item names (`bundled:val/17`), not paths; the manifest feeds training."""
     from dinoforge.curate.config import load_config
     from dinoforge.curate.pipeline import run_pipeline
+    from dinoforge.viz.montage import montage
 
-    report = run_pipeline(load_config(None, ["pool=bundled:val", "device=cpu"]), tmp_path / "cur")
+    report = run_pipeline(load_config(None, ["pool=bundled:val", "device=cpu"]), tmp_path / "cur", draw=montage)
     manifest = tmp_path / "cur" / "manifest.jsonl"
     names = [json.loads(line)["path"] for line in manifest.read_text().splitlines()]
     assert len(names) == report["manifest_images"] > 50 and all(n.startswith("bundled:val/") for n in names)

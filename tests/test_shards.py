@@ -22,11 +22,11 @@ from dinoforge.data.datasets import (
     BundledDataset,
     FileListDataset,
     ImageFolderDataset,
-    ShardDataset,
     build_dataset,
     load_image,
 )
 from dinoforge.data.pack import pack_shards
+from dinoforge.data.shards import ShardDataset
 from dinoforge.train.data import StepSampler
 from dinoforge.utils import DinoforgeError
 
@@ -129,7 +129,7 @@ def test_shard_spec_errors(tmp_path, folder):
     with pytest.raises(DinoforgeError, match="already holds .tar shards"):
         pack_shards(ImageFolderDataset(root), tmp_path / "s")
     (tmp_path / "bad.tar").write_bytes(b"not a tar" * 100)
-    with pytest.raises(DinoforgeError, match="cannot read shard"):
+    with pytest.raises(DinoforgeError, match="cannot read shard"):  # nothing readable: an error, not an empty set
         build_dataset(tmp_path / "bad.tar")
     assert record["spec"].endswith("{000000..000001}.tar")
 
@@ -187,3 +187,108 @@ def test_pack_and_curate_embed_commands(tmp_path, folder):
     ]
     r = run_cli("data", "pack", "--data", str(root), "--out", str(tmp_path / "s"))
     assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.splitlines()) == 1
+
+
+def _foreign_shards(folder: Path, shards: int, per_shard: int = 1) -> list[Path]:
+    """Shards written by another tool (webdataset's TarWriter, no saved index): one tiny PNG per sample."""
+    import io
+
+    import webdataset as wds
+
+    buf = io.BytesIO()
+    BundledDataset("val").pil(0).save(buf, format="PNG")
+    folder.mkdir()
+    files = []
+    for s in range(shards):
+        files.append(folder / f"{s:06d}.tar")
+        with wds.TarWriter(str(files[-1])) as w:
+            for i in range(per_shard):
+                w.write({"__key__": f"{s}_{i}", "png": buf.getvalue(), "cls": s % 3})
+    return files
+
+
+def test_repacked_shards_keep_provenance(tmp_path):
+    manifest = tmp_path / "kept.jsonl"
+    images = write_bundled_images(tmp_path / "img", 3, classes=1)
+    manifest.write_text(
+        "".join(json.dumps({"path": str(p), "step": "dedup", "similarity": 0.5}) + "\n" for p in images)
+    )
+    first = pack_shards(FileListDataset(manifest), tmp_path / "a")
+    again = pack_shards(build_dataset(first["spec"]), tmp_path / "b")
+    import webdataset as wds
+
+    metas = [json.loads(s["json"]) for s in wds.WebDataset(again["spec"], shardshuffle=False)]
+    assert [(m["path"], m["step"], m["similarity"]) for m in metas] == [(str(p), "dedup", 0.5) for p in images]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["000000.tar", "000000.tar.idx.npz", "pack.json"]
+
+
+def test_foreign_shards_are_indexed_once_and_a_truncated_tar_is_skipped(tmp_path, monkeypatch, capsys):
+    import dinoforge.data.shards as shards_module
+
+    files = _foreign_shards(tmp_path / "s", 6, per_shard=4)
+    data = files[3].read_bytes()
+    files[3].write_bytes(data[: len(data) // 2])  # cut in the middle of a member
+    ds = build_dataset(f"{tmp_path}/s/{{000000..000005}}.tar")
+    assert len(ds) == 20 and ds.skipped_shards == [str(files[3])]
+    assert capsys.readouterr().err.count("000003.tar") == 1  # named once
+    assert ds.labels.tolist() == [s % 3 for s in (0, 1, 2, 4, 5) for _ in range(4)]
+    assert np.array_equal(np.asarray(ds[13][0]), np.asarray(BundledDataset("val").pil(0)))
+    assert all((tmp_path / "s" / f"{s:06d}.tar.idx.npz").exists() for s in (0, 1, 2, 4, 5))
+
+    def refuse(path):
+        raise AssertionError(f"{path} indexed again")
+
+    monkeypatch.setattr(shards_module, "index_shard", refuse)
+    files = [f for i, f in enumerate(files) if i != 3]
+    assert len(ShardDataset(files)) == 20  # the saved indexes: no tar is read at start-up
+
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    ro_files = _foreign_shards(tmp_path / "ro", 2)
+    write = shards_module.atomic_write
+
+    def read_only(path, fn):  # the shards' folder refuses writes (as a read-only mount does, even for root)
+        if path.parent == tmp_path / "ro":
+            raise PermissionError(f"read-only: {path}")
+        write(path, fn)
+
+    monkeypatch.setattr(shards_module, "atomic_write", read_only)
+    assert len(ShardDataset(ro_files)) == 2 and len(list((tmp_path / "cache").rglob("*.idx.npz"))) == 2
+    monkeypatch.setattr(shards_module, "index_shard", refuse)
+    assert len(ShardDataset(ro_files)) == 2  # read from the cache
+
+
+def test_two_thousand_shards_open_under_a_low_file_limit(tmp_path):
+    import resource
+
+    files = _foreign_shards(tmp_path / "s", 2000)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        ds = ShardDataset(files)
+        assert all(ds[i] is not None for i in range(len(ds)))  # each shard opened once: at most OPEN_SHARDS at a time
+        assert len(ds._open) <= 64
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _all_ranks_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    from dinoforge import distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        agreed = [distributed.all_ranks(rank != 1), distributed.all_ranks(True)]  # rank 1's batch is unreadable
+        skipped = distributed.gather_objects([10 * rank + 1])
+        (Path(out_dir) / f"r{rank}.json").write_text(json.dumps([agreed, skipped]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_with_nothing_readable_makes_every_rank_skip(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_all_ranks_worker, args=(2, tmp_path / "init", tmp_path), nprocs=2, start_method="spawn")
+    for r in (0, 1):  # both ranks take the same branch (no hang), and both see every rank's skipped images
+        assert json.loads((tmp_path / f"r{r}.json").read_text()) == [[False, True], [[1], [11]]]

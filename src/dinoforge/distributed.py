@@ -36,6 +36,11 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
+def local_world_size() -> int:
+    """The number of processes torchrun started on this node (its LOCAL_WORLD_SIZE; 1 when not launched by it)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
 def rank_world_or_env() -> tuple[int, int]:
     """(rank, world size) of the process group when one is initialised, else torchrun's RANK / WORLD_SIZE, else
     (0, 1). For work split by rank through files: a library caller under torchrun that has not started a
@@ -91,6 +96,17 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if is_enabled():
         dist.all_reduce(t)
     return t
+
+
+def all_ranks(flag: bool) -> bool:
+    """True only when `flag` is true on every process (one all-reduce): a branch that skips a collective step (a
+    batch with no readable image on one rank) is taken by every rank or by none, so no rank waits forever."""
+    if world_size() == 1:
+        return flag
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
 
 
 def all_reduce_mean(values: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -86,21 +86,27 @@ def dedup_cmd(
         str,
         typer.Option(
             "--index",
-            help="auto (exact up to 50k images, else IVF stored as fp32, SQ8 or PQ, whichever fits the memory), "
-            "flat, ivf, ivfsq8 or ivfpq.",
+            help="auto (exact up to 50k images, else IVF stored as float16 (a matrix-product join), SQ8 or PQ, "
+            "whichever fits the memory), flat, ivf, ivfsq8 or ivfpq.",
         ),
     ] = "auto",
-    nlist: Annotated[int | None, typer.Option("--nlist", min=1, help="IVF lists (default: ~4 sqrt(n)).")] = None,
+    nlist: Annotated[
+        int | None,
+        typer.Option("--nlist", min=1, help="IVF lists (default: ~2 sqrt(n) for ivf, ~4 sqrt(n) for SQ8/PQ)."),
+    ] = None,
     nprobe: Annotated[
         int | None, typer.Option("--nprobe", min=1, help="IVF lists probed per query (default 4).")
     ] = None,
     memory_gb: Annotated[
-        float | None, typer.Option("--memory-gb", min=0.001, help="Memory the index may take (default: half the RAM).")
+        float | None,
+        typer.Option("--memory-gb", min=0.001, help="Memory per process (default: half the RAM over its processes)."),
     ] = None,
     recall_queries: Annotated[
         int,
         typer.Option(
-            "--recall-queries", min=0, help="Random queries checked against exact search (approximate index)."
+            "--recall-queries",
+            min=0,
+            help="Queries checked against exact search (approximate index): half from rows found duplicated.",
         ),
     ] = 1000,
 ) -> None:
@@ -109,9 +115,10 @@ def dedup_cmd(
     import time
 
     from dinoforge.curate.dedup import dedup, measure_recall, near_reference, plan_index
-    from dinoforge.curate.pipeline import montage, write_manifest
+    from dinoforge.curate.pipeline import write_manifest
     from dinoforge.curate.store import EmbeddingStore, dim
     from dinoforge.distributed import init_from_env, is_main_process
+    from dinoforge.viz.montage import montage
 
     init_from_env()
     pool = EmbeddingStore.open(emb)
@@ -185,10 +192,10 @@ def cluster_cmd(
 ) -> None:
     """Hierarchical k-means with resampling over pool embeddings (distributed under torchrun)."""
     from dinoforge.curate.kmeans import hierarchical_kmeans
-    from dinoforge.curate.pipeline import montage
     from dinoforge.curate.sample import size_entropy
     from dinoforge.curate.store import EmbeddingStore
     from dinoforge.distributed import init_from_env
+    from dinoforge.viz.montage import montage
 
     init_from_env()
     pool = EmbeddingStore.open(emb)
@@ -317,9 +324,10 @@ def run_cmd(
     from dinoforge.curate.config import load_config
     from dinoforge.curate.pipeline import run_pipeline
     from dinoforge.distributed import init_from_env, is_main_process
+    from dinoforge.viz.montage import montage
 
     init_from_env()
-    report = run_pipeline(load_config(config, overrides), out)
+    report = run_pipeline(load_config(config, overrides), out, draw=montage)
     typer.echo(f"manifest with {report['manifest_images']} images: {out / 'manifest.jsonl'}")
     if shards and is_main_process():
         pack_to(str(out / "manifest.jsonl"), out / "shards", max_images, max_mb)

@@ -227,19 +227,27 @@ def embed_images(
     random_init: bool = False,
 ) -> dict[str, Any]:
     """Embed an image folder, a .txt/.csv/.jsonl list or `bundled[:split]` into shards (see embed_dataset)."""
-    from dinoforge.data.datasets import build_dataset
     from dinoforge.utils import resolve_device
 
     net, transform = embedder(model, weights, device, random_init)
+    identity = embedder_identity(model, weights, random_init)
+    return embed_set(data, out_dir, net, transform, resolve_device(device), identity, shard_size, batch_size)
+
+
+def embed_set(
+    data: str | Path,
+    out_dir: str | Path,
+    net: nn.Module,
+    transform: Any,
+    device: torch.device,
+    identity: dict[str, Any],
+    shard_size: int = 10000,
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """Embed one image set with an embedder already loaded (`curate run` loads it once for all its sets)."""
+    from dinoforge.data.datasets import build_dataset
+
     dataset = build_dataset(data, transform=transform)
     if len(dataset) == 0:
         raise DinoforgeError(f"no images found in {data}")
-    return embed_dataset(
-        net,
-        dataset,
-        out_dir,
-        shard_size,
-        batch_size,
-        resolve_device(device),
-        identity=embedder_identity(model, weights, random_init),
-    )
+    return embed_dataset(net, dataset, out_dir, shard_size, batch_size, device, identity=identity)

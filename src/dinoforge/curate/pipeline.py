@@ -7,20 +7,22 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from omegaconf import DictConfig
 
 from dinoforge import distributed
 from dinoforge.curate.dedup import DedupResult, dedup, near_reference, plan_index
-from dinoforge.curate.embed import embed_images
+from dinoforge.curate.embed import embed_set, embedder, embedder_identity
 from dinoforge.curate.kmeans import Hierarchy, auto_levels, hierarchical_kmeans
 from dinoforge.curate.retrieve import retrieve
 from dinoforge.curate.sample import balanced_sample, size_entropy
 from dinoforge.curate.store import EmbeddingStore, absolute_name, dim, take_rows
-from dinoforge.utils import DinoforgeError, atomic_write, eprint, write_json
+from dinoforge.utils import DinoforgeError, atomic_write, eprint, resolve_device, write_json
 
 
 def write_manifest(path: str | Path, records: list[dict[str, Any]]) -> Path:
@@ -35,38 +37,6 @@ def write_manifest(path: str | Path, records: list[dict[str, Any]]) -> Path:
     data = "".join(lines).encode()
     atomic_write(Path(path), lambda f: f.write(data))
     return Path(path)
-
-
-def montage(paths: list[list[str]], out_png: str | Path, title: str, thumb: int = 64) -> Path | None:
-    """Save a grid of image thumbnails, one row per group (a cluster, or a kept image with its duplicates)."""
-    from PIL import Image, ImageDraw
-
-    from dinoforge.data.datasets import CorruptImageError, load_item
-
-    rows = [r for r in paths if r]
-    if not rows:
-        return None
-    cols = max(len(r) for r in rows)
-    sheet = Image.new("RGB", (cols * (thumb + 2), len(rows) * (thumb + 2) + 16), "white")
-    ImageDraw.Draw(sheet).text((2, 2), title, fill="black")
-    for i, row in enumerate(rows):
-        for j, p in enumerate(row):
-            try:
-                im = load_item(p).resize((thumb, thumb))
-            except CorruptImageError:
-                continue
-            sheet.paste(im, (j * (thumb + 2), 16 + i * (thumb + 2)))
-    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out_png)
-    return Path(out_png)
-
-
-def _embed(spec: str, out: Path, cfg: DictConfig) -> EmbeddingStore:
-    embed_images(spec, out, cfg.model, cfg.weights, cfg.shard_size, cfg.batch_size, cfg.device, cfg.random_init)
-    store = EmbeddingStore.open(out)
-    if len(store) == 0:
-        raise DinoforgeError(f"no readable image in {spec} ({len(store.skipped)} unreadable)")
-    return store
 
 
 def cluster_settings(cfg: DictConfig, n: int) -> dict[str, Any]:
@@ -107,89 +77,120 @@ def _stage(out: Path, name: str, key: dict[str, Any], compute: Callable[[], dict
     return arrays
 
 
-def run_pipeline(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Run every curation step from one config; rank 0 writes manifest.jsonl, report.json and montages.
+Draw = Callable[[list[list[str]], Path, str], Any]
+"""Draws a thumbnail sheet (rows of image names, PNG path, title): `viz.montage.montage`, given by the caller."""
 
-    Under torchrun, embedding is split over ranks by shard, the duplicate and near-test searches by query rows and
-    level-0 k-means by rows; every other step is deterministic and repeated on each rank, so the manifest does not
-    depend on the number of ranks. Each finished stage is saved under `stages/`, so a rerun resumes."""
-    out = Path(out_dir)
-    rank, _ = distributed.rank_world_or_env()
-    pool = _embed(str(cfg.pool), out / "embeddings" / "pool", cfg)
-    curated = {
-        name: _embed(str(spec), out / "embeddings" / "curated" / name, cfg) for name, spec in cfg.curated.items()
-    }
-    tests = [_embed(str(spec), out / "embeddings" / "test" / str(i), cfg) for i, spec in enumerate(cfg.test)]
-    report: dict[str, Any] = {
-        "pool_images": len(pool) + len(pool.skipped),
-        "pool_unreadable": len(pool.skipped),
-    }
-    report["curated_unreadable"] = {n: len(s.skipped) for n, s in curated.items()}
 
+@dataclass
+class Embedder:
+    """The curation embedding model, loaded once on its device for every set of a run, and its identity (which
+    keys the finished stages, so embeddings of another model never reuse them)."""
+
+    net: torch.nn.Module
+    transform: Any
+    device: torch.device
+    identity: dict[str, Any]
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> Embedder:
+        device = resolve_device(cfg.device)
+        net, transform = embedder(cfg.model, cfg.weights, str(device), cfg.random_init)
+        return cls(net, transform, device, embedder_identity(cfg.model, cfg.weights, cfg.random_init))
+
+    def embed(self, spec: str, out: Path, cfg: DictConfig) -> EmbeddingStore:
+        """Embed one set into `out` (resuming finished shards) and open it; a set with no readable image is an error."""
+        embed_set(spec, out, self.net, self.transform, self.device, self.identity, cfg.shard_size, cfg.batch_size)
+        store = EmbeddingStore.open(out)
+        if len(store) == 0:
+            raise DinoforgeError(f"no readable image in {spec} ({len(store.skipped)} unreadable)")
+        return store
+
+
+@dataclass
+class EmbeddedSets:
+    """The pool, the curated sets to retrieve for (by name) and the test sets to keep out, embedded."""
+
+    pool: EmbeddingStore
+    curated: dict[str, EmbeddingStore]
+    tests: list[EmbeddingStore]
+
+
+def embed_sets(cfg: DictConfig, out: Path, model: Embedder) -> EmbeddedSets:
+    """Stage 1: embed every set of the config under `out/embeddings`."""
+    root = out / "embeddings"
+    return EmbeddedSets(
+        model.embed(str(cfg.pool), root / "pool", cfg),
+        {name: model.embed(str(spec), root / "curated" / name, cfg) for name, spec in cfg.curated.items()},
+        [model.embed(str(spec), root / "test" / str(i), cfg) for i, spec in enumerate(cfg.test)],
+    )
+
+
+def pool_key(pool: EmbeddingStore) -> dict[str, Any]:
+    """What identifies the embedded pool in stage keys: its images, shard sizes and the model that embedded it."""
+    return {"pool": pool.paths, "shards": [int(s.shape[0]) for s in pool.shards], "embedder": pool.embedder}
+
+
+def deduplicate_pool(cfg: DictConfig, out: Path, pool: EmbeddingStore) -> tuple[DedupResult, dict[str, Any]]:
+    """Stage 2: near-duplicate components of the pool, one image kept per component; and the stage's key."""
     d = cfg.dedup
     memory = None if d.memory_gb is None else int(d.memory_gb * 2**30)
     plan = plan_index(len(pool), dim(pool.shards), d.index, memory, d.nlist, d.nprobe)
     eprint(f"dedup index: {plan.as_dict()}")
-    pool_key = {"pool": pool.paths, "shards": [int(s.shape[0]) for s in pool.shards]}
-    dedup_key = {**pool_key, "threshold": d.threshold, "plan": plan.as_dict(), "seed": cfg.seed}
+    key = {**pool_key(pool), "threshold": d.threshold, "plan": plan.as_dict(), "seed": cfg.seed}
 
-    def run_dedup() -> dict[str, np.ndarray]:
-        dd = dedup(pool.shards, d.threshold, plan, cfg.gpu, cfg.seed)
-        return {"keep": dd.keep, "component": dd.component, "pairs": dd.pairs, "similarity": dd.similarity}
+    def compute() -> dict[str, np.ndarray]:
+        found = dedup(pool.shards, d.threshold, plan, cfg.gpu, cfg.seed)
+        return {"keep": found.keep, "component": found.component, "pairs": found.pairs, "similarity": found.similarity}
 
-    dd = DedupResult(**_stage(out, "dedup", dedup_key, run_dedup), plan=plan)
-    keep = dd.keep
-    report["dedup"] = {
-        "threshold": d.threshold,
-        "index": plan.as_dict(),
-        "pairs": len(dd.pairs),
-        "removed": len(dd.removed),
-        "kept": len(keep),
-    }
+    return DedupResult(**_stage(out, "dedup", key, compute), plan=plan), key
 
-    def run_near_test() -> dict[str, np.ndarray]:
-        near = np.zeros(len(pool), bool)
-        for t in tests:
-            near |= near_reference(pool.shards, t.shards, d.test_threshold, gpu=cfg.gpu)[0]
+
+def remove_test_copies(
+    cfg: DictConfig, out: Path, sets: EmbeddedSets, kept: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Stage 3: the kept rows that nearly copy a test image (a mask over `kept`), the rows left, and the key."""
+    threshold = cfg.dedup.test_threshold
+    key = {**pool_key(sets.pool), "tests": [(t.paths, t.embedder) for t in sets.tests], "threshold": threshold}
+
+    def compute() -> dict[str, np.ndarray]:
+        near = np.zeros(len(sets.pool), bool)
+        for t in sets.tests:
+            near |= near_reference(sets.pool.shards, t.shards, threshold, gpu=cfg.gpu)[0]
         return {"near": near}
 
-    test_key = {**pool_key, "tests": [t.paths for t in tests], "threshold": d.test_threshold}
-    near_test = _stage(out, "near_test", test_key, run_near_test)["near"][keep]
-    report["test_near_duplicates_removed"] = int(near_test.sum())
-    clean = keep[~near_test]
+    near_test = _stage(out, "near_test", key, compute)["near"][kept]
+    clean = kept[~near_test]
     if len(clean) == 0:
         raise DinoforgeError("nothing left in the pool after de-duplication")
-    x = take_rows(pool.shards, clean)
+    return near_test, clean, key
 
-    hier: Hierarchy | None = None
-    settings = cluster_settings(cfg, len(clean))
-    if settings["levels"]:
-        report["cluster"] = settings
-        eprint(f"hierarchical k-means on {len(clean)} images: {settings}")
-        cluster_key = {"dedup": dedup_key, "near_test": test_key, **settings, "engine": cfg.cluster.engine}
 
-        def run_kmeans() -> dict[str, np.ndarray]:
-            s = settings
-            h = hierarchical_kmeans(
-                x,
-                s["levels"],
-                s["niter"],
-                s["resample_steps"],
-                s["sample_sizes"],
-                cfg.seed,
-                cfg.cluster.engine,
-                cfg.gpu,
-            )
-            return h.arrays()
+def cluster_pool(cfg: DictConfig, out: Path, x: np.ndarray, inputs: dict[str, Any]) -> Hierarchy | None:
+    """Stage 4: hierarchical k-means of the cleaned pool's vectors `x` (None when the config asks for no levels)."""
+    settings = cluster_settings(cfg, len(x))
+    if not settings["levels"]:
+        return None
+    eprint(f"hierarchical k-means on {len(x)} images: {settings}")
+    key = {**inputs, **settings, "engine": cfg.cluster.engine}
 
-        hier = Hierarchy.from_arrays(_stage(out, "kmeans", cluster_key, run_kmeans))
-    cluster_ids = hier.point_clusters() if hier is not None else None
+    def compute() -> dict[str, np.ndarray]:
+        s = settings
+        levels = (s["levels"], s["niter"], s["resample_steps"], s["sample_sizes"])
+        return hierarchical_kmeans(x, *levels, cfg.seed, cfg.cluster.engine, cfg.gpu).arrays()
 
+    return Hierarchy.from_arrays(_stage(out, "kmeans", key, compute))
+
+
+def select_images(
+    cfg: DictConfig, x: np.ndarray, sets: EmbeddedSets, hier: Hierarchy | None, report: dict[str, Any]
+) -> dict[int, dict[str, Any]]:
+    """Stage 5: the cleaned pool's rows to keep (retrieved for a curated set, or drawn by the balanced sample), with
+    how each was chosen; every cleaned row when the config asks for neither."""
     records: dict[int, dict[str, Any]] = {}
-    if curated:
+    if sets.curated:
         got = retrieve(
             x,
-            {n: s.shards for n, s in curated.items()},
+            {n: s.shards for n, s in sets.curated.items()},
             cfg.retrieve.k,
             cfg.retrieve.m,
             cfg.retrieve.sample_min_size,
@@ -207,7 +208,7 @@ def run_pipeline(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         if hier is None:
             raise DinoforgeError("sample.target_size needs cluster.levels (hierarchical k-means) to sample from")
         picked = balanced_sample(hier, int(cfg.sample.target_size), cfg.sample.strategy, cfg.seed)
-        top = cluster_ids[:, -1]
+        top = hier.point_clusters()[:, -1]
         report["sample"] = {
             "target_size": int(cfg.sample.target_size),
             "picked": len(picked),
@@ -216,9 +217,42 @@ def run_pipeline(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         }
         for row in picked.tolist():
             records.setdefault(row, {"step": "sample", "source": "pool", "similarity": None})
-    if not curated and not cfg.sample.target_size:
-        records = {row: {"step": "dedup", "source": "pool", "similarity": None} for row in range(len(clean))}
+    if not sets.curated and not cfg.sample.target_size:
+        records = {row: {"step": "dedup", "source": "pool", "similarity": None} for row in range(len(x))}
+    return records
 
+
+def run_pipeline(cfg: DictConfig, out_dir: str | Path, draw: Draw | None = None) -> dict[str, Any]:
+    """Run every curation stage from one config; rank 0 writes manifest.jsonl, report.json and (with `draw`) the
+    duplicate and cluster montages.
+
+    Under torchrun, embedding is split over ranks by shard, the duplicate and near-test searches by query rows and
+    level-0 k-means by rows; every other step is deterministic and repeated on each rank, so the manifest does not
+    depend on the number of ranks. Each finished stage is saved under `stages/`, so a rerun resumes."""
+    out = Path(out_dir)
+    sets = embed_sets(cfg, out, Embedder.from_config(cfg))
+    pool = sets.pool
+    report: dict[str, Any] = {
+        "pool_images": len(pool) + len(pool.skipped),
+        "pool_unreadable": len(pool.skipped),
+        "curated_unreadable": {n: len(s.skipped) for n, s in sets.curated.items()},
+    }
+    duplicates, dedup_key = deduplicate_pool(cfg, out, pool)
+    report["dedup"] = {
+        "threshold": cfg.dedup.threshold,
+        "index": duplicates.plan.as_dict(),
+        "pairs": len(duplicates.pairs),
+        "removed": len(duplicates.removed),
+        "kept": len(duplicates.keep),
+    }
+    near_test, clean, test_key = remove_test_copies(cfg, out, sets, duplicates.keep)
+    report["test_near_duplicates_removed"] = int(near_test.sum())
+    x = take_rows(pool.shards, clean)
+    hier = cluster_pool(cfg, out, x, {"dedup": dedup_key, "near_test": test_key})
+    if hier is not None:
+        report["cluster"] = cluster_settings(cfg, len(clean))
+    cluster_ids = hier.point_clusters() if hier is not None else None
+    records = select_images(cfg, x, sets, hier, report)
     manifest = []
     for row in sorted(records):
         rec = {"path": pool.paths[int(clean[row])], **records[row]}
@@ -226,27 +260,28 @@ def run_pipeline(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
             rec["cluster"] = cluster_ids[row].tolist()
         manifest.append(rec)
     report["manifest_images"] = len(manifest)
-    if rank == 0:
+    if distributed.rank_world_or_env()[0] == 0:
         write_manifest(out / "manifest.jsonl", manifest)
-        _montages(out, cfg, pool, dd, clean, cluster_ids)
+        if draw is not None:
+            _montages(out, cfg, pool, duplicates, clean, cluster_ids, draw)
         write_json(out / "report.json", report)
     distributed.barrier()
     eprint(f"curated {len(manifest)} images -> {out / 'manifest.jsonl'}")
     return report
 
 
-def _montages(out: Path, cfg: DictConfig, pool: EmbeddingStore, dd, clean: np.ndarray, cluster_ids) -> None:
+def _montages(
+    out: Path, cfg: DictConfig, pool: EmbeddingStore, found: DedupResult, clean: np.ndarray, cluster_ids, draw: Draw
+) -> None:
+    """The duplicate sheet (a kept image and up to 7 removed copies per row) and the cluster sheet."""
     groups: dict[int, list[int]] = {}
-    for i in dd.removed.tolist():
-        groups.setdefault(int(dd.component[i]), []).append(i)
-    rows = []
-    for comp, removed in list(groups.items())[: cfg.montage.duplicates]:
-        kept = int(np.nonzero(dd.component == comp)[0][0])
-        rows.append([pool.paths[kept]] + [pool.paths[i] for i in removed[:7]])
-    montage(rows, out / "duplicates.png", "kept image | removed near duplicates")
+    for i in found.removed.tolist():
+        groups.setdefault(int(found.component[i]), []).append(i)
+    rows = [[pool.paths[comp]] + [pool.paths[i] for i in removed[:7]] for comp, removed in groups.items()]
+    draw(rows[: cfg.montage.duplicates], out / "duplicates.png", "kept image | removed near duplicates")
     if cluster_ids is not None:
         rng = np.random.default_rng(cfg.seed)
         leaf = cluster_ids[:, 0]
         ids = rng.permutation(np.unique(leaf))[: cfg.montage.clusters]
         rows = [[pool.paths[int(clean[i])] for i in np.nonzero(leaf == c)[0][: cfg.montage.per_cluster]] for c in ids]
-        montage(rows, out / "clusters.png", "one level-0 cluster per row")
+        draw(rows, out / "clusters.png", "one level-0 cluster per row")

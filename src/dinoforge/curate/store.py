@@ -58,21 +58,45 @@ def num_rows(data: Data) -> int:
     return sum(int(p.shape[0]) for p in _parts(data))
 
 
+def _name(part: np.ndarray, i: int) -> str:
+    """A shard's file (memory-mapped shards know it), else its place in the list."""
+    return str(getattr(part, "filename", None) or f"embedding shard {i}")
+
+
 def dim(data: Data) -> int:
-    """Vector dimension of an array or a list of shards."""
-    parts = [p for p in _parts(data) if p.ndim == 2]
+    """Vector dimension of an array or a list of shards; shards of different widths are a one-line error."""
+    parts = [(i, p) for i, p in enumerate(_parts(data)) if p.ndim == 2]
     if not parts:
         raise DinoforgeError("no embeddings")
-    return int(parts[0].shape[1])
+    d = int(parts[0][1].shape[1])
+    for i, p in parts:
+        if p.shape[1] != d:
+            raise DinoforgeError(
+                f"{_name(p, i)} holds {p.shape[1]}-wide vectors, {_name(parts[0][1], parts[0][0])} {d}-wide: "
+                "embeddings of one pool come from one model"
+            )
+    return d
+
+
+def _finite(x: np.ndarray, part: np.ndarray, i: int, rows: np.ndarray | int) -> np.ndarray:
+    """x (rows of shard `part`) when every value is finite; else a one-line error naming the shard and row."""
+    bad = ~np.isfinite(x).all(1)
+    if bad.any():
+        first = int(np.asarray(rows).reshape(-1)[np.argmax(bad)]) if np.ndim(rows) else rows + int(np.argmax(bad))
+        raise DinoforgeError(
+            f"{_name(part, i)}: row {first} holds NaN or infinite values ({int(bad.sum())} such rows in this "
+            "batch): embed its images again"
+        )
+    return x
 
 
 def iter_batches(data: Data, batch_size: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (global start row, float32 contiguous batch) over an array or shards, reading one batch at a
-    time."""
+    time. A NaN or infinite value is a one-line error naming the shard."""
     start = 0
-    for part in _parts(data):
+    for i, part in enumerate(_parts(data)):
         for s in range(0, part.shape[0], batch_size):
-            yield start + s, np.ascontiguousarray(part[s : s + batch_size], dtype=np.float32)
+            yield start + s, _finite(np.ascontiguousarray(part[s : s + batch_size], dtype=np.float32), part, i, s)
         start += part.shape[0]
 
 
@@ -100,10 +124,10 @@ def take_rows(data: Data, rows: np.ndarray) -> np.ndarray:
     rows = np.asarray(rows, dtype=np.int64)
     out = np.empty((len(rows), dim(data)), np.float32)
     start = 0
-    for part in _parts(data):
+    for i, part in enumerate(_parts(data)):
         sel = np.nonzero((rows >= start) & (rows < start + part.shape[0]))[0]
         if len(sel):
-            out[sel] = part[rows[sel] - start]
+            out[sel] = _finite(np.asarray(part[rows[sel] - start], np.float32), part, i, rows[sel] - start)
         start += part.shape[0]
     return out
 
@@ -115,21 +139,39 @@ def normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(n, 1e-12)
 
 
+def _load_shard(path: Path) -> np.ndarray:
+    """A shard's vectors, memory-mapped; a missing or unreadable `.npy` is a one-line error naming it."""
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise DinoforgeError(f"cannot read embedding shard {path}: {e}; embed that shard again") from None
+    if arr.ndim != 2:
+        raise DinoforgeError(f"{path} holds an array of shape {arr.shape}, not one vector per row")
+    return arr
+
+
 @dataclass
 class EmbeddingStore:
     """A folder of embedding shards `shard_XXXXX.npy` (float16, memory-mapped) + `shard_XXXXX.json`
-    (paths, stats)."""
+    (paths, stats), and the identity of the model that embedded them (None for shards that did not record it)."""
 
     root: Path
     shards: list[np.ndarray]
     paths: list[str]
     skipped: list[str]
+    embedder: dict | None = None
 
     @classmethod
     def open(cls, root: str | Path) -> EmbeddingStore:
         """Open a finished embedding folder (written by `curate.embed.embed_images`)."""
         root = Path(root)
         metas = sorted(root.glob("shard_*.json"))
+        orphans = sorted({p.stem for p in root.glob("shard_*.npy")} - {p.stem for p in metas})
+        if orphans:
+            raise DinoforgeError(
+                f"{root / orphans[0]}.npy has no .json file list ({len(orphans)} such shards): run `dinoforge curate "
+                "embed` again to finish them"
+            )
         if not metas:
             raise DinoforgeError(f"no embedding shards in {root} (run `dinoforge curate embed` first)")
         shards, paths, skipped = [], [], []
@@ -143,14 +185,19 @@ class EmbeddingStore:
                     f"{root} mixes embeddings of different models: {first[0].name} from "
                     f"{describe_identity(first[1])}, {meta_path.name} from {describe_identity(meta.get('embedder'))}"
                 )
-            arr = np.load(meta_path.with_suffix(".npy"), mmap_mode="r")
+            arr = _load_shard(meta_path.with_suffix(".npy"))
             if arr.shape[0] != len(meta["paths"]):
                 raise DinoforgeError(f"{meta_path}: {arr.shape[0]} vectors but {len(meta['paths'])} paths")
+            if shards and arr.shape[0] and arr.shape[1] != shards[0].shape[1]:
+                raise DinoforgeError(
+                    f"{meta_path.with_suffix('.npy')} holds {arr.shape[1]}-wide vectors, {shards[0].filename} "
+                    f"{shards[0].shape[1]}-wide: embeddings of one pool come from one model"
+                )
             if arr.shape[0]:
                 shards.append(arr)
             paths += meta["paths"]
             skipped += meta["skipped"]
-        return cls(root, shards, paths, skipped)
+        return cls(root, shards, paths, skipped, first[1])
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -1,9 +1,7 @@
-"""Datasets: image folders, file lists (.txt/.csv/.jsonl), tar shards, the bundled Fashion-MNIST subset, sample photos.
-
-Tar shards are in the webdataset layout `data/pack.py` writes (`KEY.<image ext>`, `KEY.cls`, `KEY.json` per sample).
-`ShardDataset` reads them map-style through an index built once (one pass over each tar's headers: every image
-member's offset and size, and its json), so an image is one positioned read, and the training sampler, its
-per-sample seeds and exact resume work on shards as on folders: each image read once per epoch over ranks and workers.
+"""Datasets: image folders and file lists (.txt/.csv/.jsonl), sample photos, and `build_dataset`, the one entry
+from a spec, which also opens the bundled set (`data/bundled.py`) and tar shards (`data/shards.py`: map-style through
+a saved index, so the training sampler, its per-sample seeds and exact resume work on shards as on folders). Named
+classes are indexed in one place (`check_classes`) for folders, file lists and shards alike.
 
 Every dataset returns `(image, label, index)` with label -1 when unknown, or None for an unreadable image so
 that one corrupt file never stops a run (`collate_skip_none` drops those samples from a batch).
@@ -11,57 +9,27 @@ that one corrupt file never stops a run (`collate_skip_none` drops those samples
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
-import os
-import re
-import tarfile
 import warnings
 from collections.abc import Callable, Sequence
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
+from dinoforge.data.bundled import BundledDataset, bundled_item
 from dinoforge.utils import DinoforgeError, eprint
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 MANIFEST_EXTENSIONS: frozenset[str] = frozenset({".txt", ".csv", ".jsonl"})
-BUNDLED_NPZ = Path(__file__).resolve().parent / "bundled" / "fashion_mnist_subset.npz"
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_CLASSES: tuple[str, ...] = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
-
 Transform = Callable[[Image.Image], Any] | None
 
 
 class CorruptImageError(DinoforgeError):
     """An image file that cannot be opened or decoded (truncated, not an image, missing)."""
-
-
-def read_idx(path: str | Path) -> np.ndarray:
-    """Read an (optionally gzipped) IDX file, the format of the MNIST family."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
 def is_image_file(path: str | Path) -> bool:
@@ -115,18 +83,6 @@ def _rgb(source: str | Path | io.BytesIO, name: str | Path) -> Image.Image:
             return im.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise CorruptImageError(f"cannot read image {name}: {e}") from None
-
-
-_BUNDLED_ITEM = re.compile(r"(bundled|bundled-full):(train|val)/(\d+)")
-
-
-def bundled_item(name: str | Path) -> tuple[str, bool, int] | None:
-    """(split, full, index) when `name` names a bundled image the way `BundledDataset.item_name` writes it
-    (`bundled:train/17`, `bundled-full:val/3`) and is not an existing file; else None."""
-    m = _BUNDLED_ITEM.fullmatch(str(name))
-    if m is None or Path(name).exists():
-        return None
-    return m[2], m[1] == "bundled-full", int(m[3])
 
 
 def load_item(name: str | Path, size: int = 32) -> Image.Image:
@@ -202,7 +158,7 @@ class ImageFolderDataset(_PathDataset):
         paths, self.ignored = _scan(self.root)
         found = sorted({p.relative_to(self.root).parts[0] for p in paths if p.parent != self.root})
         if found and all(p.parent != self.root for p in paths):
-            classes = _check_classes(found, classes, self.root)
+            classes = check_classes(found, classes, self.root)
             index = {c: i for i, c in enumerate(classes)}
             labels = [index[p.relative_to(self.root).parts[0]] for p in paths]
         else:
@@ -211,7 +167,7 @@ class ImageFolderDataset(_PathDataset):
         self.classes = list(classes)
 
 
-def _check_classes(found: Sequence[str], classes: Sequence[str] | None, source: Path) -> Sequence[str]:
+def check_classes(found: Sequence[str], classes: Sequence[str] | None, source: Path) -> Sequence[str]:
     """The class list to index labels by: `classes` (e.g. the train split's) when given, else `found`."""
     if classes is None:
         return found
@@ -267,7 +223,7 @@ class FileListDataset(_PathDataset):
         if named and any(isinstance(x, int) for x in raw):
             raise DinoforgeError(f"{self.manifest}: mixes integer labels and class names")
         if named:
-            named = list(_check_classes(named, classes, self.manifest))
+            named = list(check_classes(named, classes, self.manifest))
         index = {c: i for i, c in enumerate(named)}
         labels = [-1 if x is None else index[x] if isinstance(x, str) else x for x in raw]
         super().__init__(paths, labels, transform, size)
@@ -309,166 +265,6 @@ class FileListDataset(_PathDataset):
                     raise DinoforgeError(f"{self.manifest}:{lineno}: {e}") from None
             records.append(rec)
         return records
-
-
-@lru_cache(maxsize=4)
-def _load_fashion_mnist(split: str, full: bool) -> tuple[np.ndarray, np.ndarray]:
-    if not full:
-        with np.load(BUNDLED_NPZ) as z:
-            return z[f"{split}_images"], z[f"{split}_labels"].astype(np.int64)
-    prefix = "train" if split == "train" else "t10k"
-    img = FASHION_MNIST_DIR / f"{prefix}-images-idx3-ubyte.gz"
-    lab = FASHION_MNIST_DIR / f"{prefix}-labels-idx1-ubyte.gz"
-    if not (img.is_file() and lab.is_file()):
-        raise DinoforgeError(
-            f"full Fashion-MNIST not found in {FASHION_MNIST_DIR}: install the Debian package "
-            "dataset-fashion-mnist, or use the bundled subset ('bundled')"
-        )
-    return read_idx(img), read_idx(lab).astype(np.int64)
-
-
-class BundledDataset(Dataset):
-    """Fashion-MNIST as RGB PIL images: the bundled class-balanced subset (10k train / 2k val), or with
-    `full=True` the 60k/10k set from the Debian package. The 28 px images are placed on a black canvas of
-    `size` px (28→32 by default, so a patch-4 ViT sees an 8×8 grid; larger sizes upscale the same layout)."""
-
-    classes: list[str] = list(FASHION_MNIST_CLASSES)
-
-    def __init__(self, split: str = "train", transform: Transform = None, size: int = 32, full: bool = False):
-        if split not in ("train", "val"):
-            raise DinoforgeError(f"split must be 'train' or 'val', got {split!r}")
-        if size < 8:
-            raise DinoforgeError(f"size must be at least 8 px, got {size}")
-        self.split, self.transform, self.size, self.full = split, transform, size, full
-        self.images, self.labels = _load_fashion_mnist(split, full)
-        self._inner = max(1, round(size * 28 / 32)) if size != 28 else 28
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def pil(self, index: int) -> Image.Image:
-        """Item `index` as an RGB PIL image of `size` px."""
-        img = Image.fromarray(self.images[index])
-        if self._inner != 28:
-            img = img.resize((self._inner, self._inner), Image.BICUBIC)
-        canvas = Image.new("L", (self.size, self.size))
-        off = (self.size - self._inner) // 2
-        canvas.paste(img, (off, off))
-        return canvas.convert("RGB")
-
-    def __getitem__(self, index: int):
-        img = self.pil(index)
-        return (self.transform(img) if self.transform else img), int(self.labels[index]), index
-
-    def item_name(self, index: int) -> str:
-        """A stable name for item `index`, e.g. `bundled:val/17`."""
-        return f"{'bundled-full' if self.full else 'bundled'}:{self.split}/{index}"
-
-
-def shard_files(spec: str | Path) -> list[Path] | None:
-    """The tar files a shard spec names (`shards/{000000..000099}.tar`, `a.tar`, `{a,b}.tar`), in order; None when
-    `spec` is not a shard spec (it does not end in .tar). A missing shard is an error naming it."""
-    s = str(spec)
-    if not s.endswith(".tar"):
-        return None
-    files = [Path(p) for p in braceexpand(s)]
-    missing = [f for f in files if not f.is_file()]
-    if missing:
-        raise DinoforgeError(f"shard not found: {missing[0]} ({len(missing)} of the {len(files)} shards of {s})")
-    return files
-
-
-def _sample_key(name: str) -> tuple[str, str]:
-    """(key, extension) of a tar member as webdataset splits it: the extension starts at the base name's first dot."""
-    folder, _, base = name.rpartition("/")
-    key, _, ext = base.partition(".")
-    return (f"{folder}/{key}" if folder else key), ext.lower()
-
-
-def _index_shard(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """The samples of one shard in member order: {"offset", "size", "ext", "meta"} per sample with an image member;
-    plus the keys of samples without one (reported like non-image files in a folder)."""
-    samples: dict[str, dict[str, Any]] = {}
-    try:
-        with tarfile.open(path, "r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = _sample_key(member.name)
-                sample = samples.setdefault(key, {"meta": {}})
-                if ext in ("json", "cls"):
-                    raw = tar.extractfile(member).read()
-                    try:
-                        value = json.loads(raw)
-                    except ValueError:
-                        continue  # an unreadable label: the image stays, unlabelled
-                    if ext == "cls" and isinstance(value, int):
-                        sample["meta"].setdefault("label", value)
-                    elif ext == "json" and isinstance(value, dict):
-                        sample["meta"] = value | {k: v for k, v in sample["meta"].items() if k not in value}
-                elif f".{ext.rpartition('.')[2]}" in IMAGE_EXTENSIONS:
-                    sample |= {"offset": member.offset_data, "size": member.size, "ext": ext}
-    except (OSError, tarfile.TarError) as e:
-        raise DinoforgeError(f"cannot read shard {path}: {e}") from None
-    kept = [dict(s, key=k) for k, s in samples.items() if "offset" in s]
-    return kept, [f"{path}:{k}" for k, s in samples.items() if "offset" not in s]
-
-
-class ShardDataset(_PathDataset):
-    """The images of tar shards (see the module doc), map-style: item i is the i-th sample of the shards in order.
-
-    `.paths` holds the original names the packer recorded (item names; never opened), `.labels` and `.classes`
-    what a folder, file list or bundled set of the same images gives: the packed class index when every class has
-    images, else class names indexed in sorted order (or by `classes`).
-    A member that does not decode comes back as None, like a corrupt file."""
-
-    def __init__(self, shards: Sequence[Path], transform: Transform = None, classes: Sequence[str] | None = None):
-        self.shards = [Path(s) for s in shards]
-        shard_of, offsets, sizes, exts, metas, self.ignored = [], [], [], [], [], []
-        for i, path in enumerate(self.shards):
-            samples, ignored = _index_shard(path)
-            self.ignored += ignored
-            for s in samples:
-                shard_of.append(i)
-                offsets.append(s["offset"])
-                sizes.append(s["size"])
-                exts.append(s["ext"])
-                metas.append(s["meta"] | {"path": s["meta"].get("path") or f"{path}:{s['key']}"})
-        self.shard_of = np.asarray(shard_of, dtype=np.int32)
-        self.offsets, self.sizes = np.asarray(offsets, dtype=np.int64), np.asarray(sizes, dtype=np.int64)
-        self.exts = exts
-        pairs = {(m.get("label"), str(m["class"])) for m in metas if m.get("class") is not None}
-        named = sorted({name for _, name in pairs})
-        if named:
-            packed = sorted(p for p in pairs if isinstance(p[0], int))
-            if classes is None and len(packed) == len(pairs) and [p[0] for p in packed] == list(range(len(named))):
-                classes = [name for _, name in packed]  # the packed index: one label per class, every class present
-            named = list(_check_classes(named, classes, self.shards[0]))
-            index = {c: i for i, c in enumerate(named)}
-            labels = [index[str(m["class"])] if m.get("class") is not None else -1 for m in metas]
-        else:
-            labels = [m["label"] if isinstance(m.get("label"), int) else -1 for m in metas]
-        super().__init__([Path(m["path"]) for m in metas], labels, transform)
-        self.classes = named
-        self._fds: dict[int, int] = {}
-
-    def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__ | {"_fds": {}}  # loader workers open their own files
-
-    def __del__(self) -> None:
-        for fd in getattr(self, "_fds", {}).values():
-            os.close(fd)
-
-    def read_bytes(self, index: int) -> bytes:
-        """The encoded image of item `index`, as packed (one positioned read; the shard stays open)."""
-        shard = int(self.shard_of[index])
-        fd = self._fds.get(shard)
-        if fd is None:
-            fd = self._fds[shard] = os.open(self.shards[shard], os.O_RDONLY)
-        return os.pread(fd, int(self.sizes[index]), int(self.offsets[index]))
-
-    def _image(self, index: int):
-        return decode_image(self.read_bytes(index), self.item_name(index))
 
 
 def require_labels(labels: np.ndarray, spec: str, purpose: str) -> None:
@@ -519,6 +315,8 @@ def build_dataset(
     name, _, sub = s.partition(":")
     if name in ("bundled", "bundled-full") and not Path(s).exists():
         return BundledDataset(sub or split or "train", transform=transform, size=size, full=name == "bundled-full")
+    from dinoforge.data.shards import ShardDataset, shard_files  # shards build on this module
+
     shards = shard_files(s)
     if shards is not None:
         return ShardDataset(shards, transform, classes)

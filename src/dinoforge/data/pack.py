@@ -1,9 +1,10 @@
 """`dinoforge data pack`: a folder, file list, curated manifest or bundled set written as tar shards in the webdataset
-layout (webdataset's ShardWriter), which `ShardDataset` and any webdataset reader read.
+layout (webdataset's ShardWriter), which `ShardDataset` and any webdataset reader read, each with its saved index
+(`data/shards.py`), so reading them starts without a pass over the tars.
 
 A sample is three members with one key: `KEY.<ext>` (the original image file's bytes, unchanged: jpg, png, ...),
 `KEY.cls` (its integer label, when it has one) and `KEY.json` ({"path": the original name, "label", "class" (its
-class name, when the source names classes), and a curated manifest's provenance fields}).
+class name, when the source names classes), and a curated manifest's or a re-packed shard's provenance fields}).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from dinoforge.data.datasets import BundledDataset, FileListDataset, ShardDataset, bundled_item
+from dinoforge.data.datasets import BundledDataset, FileListDataset, bundled_item
+from dinoforge.data.shards import ShardDataset, write_index
 from dinoforge.utils import DinoforgeError, track, write_json
 
 SHARD_NAME = "%06d.tar"  # shard file names in a packed folder: 000000.tar, 000001.tar, ...
@@ -31,7 +33,7 @@ def _encoded(dataset: Dataset, index: int) -> tuple[bytes, str]:
     """(file bytes, extension) of item `index` of a dataset to pack: an image file's bytes unchanged, a shard
     member's as stored, a bundled image as PNG. OSError when the file cannot be read."""
     if isinstance(dataset, ShardDataset):
-        return dataset.read_bytes(index), dataset.exts[index]
+        return dataset.read_bytes(index), dataset.ext(index)
     if isinstance(dataset, BundledDataset) or bundled_item(dataset.paths[index]):
         image = dataset.pil(index) if isinstance(dataset, BundledDataset) else dataset._image(index)
         buf = io.BytesIO()
@@ -58,6 +60,7 @@ def pack_shards(dataset: Dataset, out_dir: str | Path, max_images: int = 10000, 
     out_dir.mkdir(parents=True, exist_ok=True)
     classes = list(getattr(dataset, "classes", []))
     records = getattr(dataset, "records", None) if isinstance(dataset, FileListDataset) else None
+    provenance = dataset.meta if isinstance(dataset, ShardDataset) else (lambda i: records[i] if records else {})
     name = getattr(dataset, "item_name", str)
     missing: list[str] = []
     written = 0
@@ -69,12 +72,14 @@ def pack_shards(dataset: Dataset, out_dir: str | Path, max_images: int = 10000, 
                 missing.append(name(i))
                 continue
             label = int(dataset.labels[i])
-            meta = {k: v for k, v in (records[i] if records else {}).items() if k not in ("path", "label")}
+            meta = {k: v for k, v in provenance(i).items() if k not in ("path", "label", "class")}
             meta |= {"path": name(i), "label": label} | ({"class": classes[label]} if classes and label >= 0 else {})
             sample = {"__key__": f"{written:09d}", ext: data, "json": meta}
             writer.write(sample | ({"cls": label} if label >= 0 else {}))
             written += 1
     files = sorted(out_dir.glob("*.tar"))
+    for f in files:
+        write_index(f)
     record = {
         "spec": shard_spec(files),
         "images": written,

@@ -144,7 +144,7 @@ def train(
     try:
         for it, batch in batches:
             skipped.update(dict.fromkeys(batch["skipped"]))
-            if "collated_global_crops" not in batch:
+            if not dist_utils.all_ranks("collated_global_crops" in batch):  # one rank with nothing: all skip
                 continue
             batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
             t_step = time.perf_counter()
@@ -176,7 +176,7 @@ def train(
     summary = {
         "iterations": max_iter,
         "last": last,
-        **skipped_summary([dataset.item_name(i) for i in skipped]),
+        **skipped_summary([dataset.item_name(i) for part in dist_utils.gather_objects(list(skipped)) for i in part]),
         "warnings": list(monitor.warnings.values()),
         "teacher": str(teacher_path),
     }
