@@ -89,6 +89,14 @@ def test_probe_times_a_real_step(one_thread):
     assert cfg.train.max_iterations == 1000  # the probe ran on a copy
 
 
+def test_key_value_wins_over_the_choice(tmp_path):
+    for i in range(20):
+        Image.new("RGB", (96, 96), (10 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    cfg = configure(None, str(tmp_path), ["crops.global_crops_size=16", "train.max_iterations=5"], None, print)
+    assert cfg.crops.global_crops_size == 16 and cfg.crops.local_crops_size == 32 and cfg.train.max_iterations == 5
+    assert cfg.student.patch_size == 8 and cfg.train.auto_choice[0] == "auto (no -c): preset demo"
+
+
 def test_bad_override_fails_before_the_images_are_read(tmp_path):
     with pytest.raises(DinoforgeError, match="optim.epoch"):
         configure(None, str(tmp_path / "missing"), ["optim.epoch=3"], None)

@@ -68,6 +68,9 @@ def train_command(
 ) -> None:
     """DINOv2 self-supervised pretraining (DINO + iBOT + KoLeo, EMA teacher, multi-crop).
 
+    Without -c the model, crops, batch and recipe are chosen from the images of --data and this machine (printed,
+    saved in config.yaml); --time fits the run to a wall-clock budget; key=value overrides win over both.
+
     Runs on one process, or under `torchrun --nproc-per-node N -m dinoforge train ...` (gloo on CPU, NCCL on GPU;
     train.distributed=ddp|fsdp). Start from existing backbone weights with student.pretrained_weights=PATH (released
     518 px weights are resized to the crop size; train.freeze_backbone_iters=N trains the fresh heads alone first).
