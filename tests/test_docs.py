@@ -92,6 +92,12 @@ def test_the_guides_python_blocks_run(page, tmp_path):
         assert r.returncode == 0, f"{page.name}:\n{code}\n{r.stderr[-2000:]}"
 
 
+def test_relative_links_point_to_files():
+    for page in [*PAGES, *sorted((ROOT / "docs" / "reports").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
+            assert (page.parent / target).exists(), f"{page.relative_to(ROOT)}: broken link {target}"
+
+
 def _shell(script: str, cwd: Path, env: dict) -> None:
     r = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=cwd, env=env, capture_output=True, text=True)
     assert r.returncode == 0, f"{script}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"

@@ -124,8 +124,9 @@ def curate_pool(
     overrides: Overrides = None,
 ) -> Path:
     """`dinoforge curate run`: embed, deduplicate, cluster and sample an image pool; returns the path of
-    manifest.jsonl (for `train(data=...)`). Defaults as configs/curate_default.yaml; `overrides` sets any key,
-    e.g. {"model": "dinov2_vits14"} for semantic embeddings."""
+    manifest.jsonl (for `pretrain(data=...)`). With no `config`, the built-in curation defaults (no sampling: every
+    image left after dedup); `config="configs/curate_default.yaml"` is the command line's file; `overrides` sets any
+    key, e.g. {"model": "dinov2_vits14"} for semantic embeddings."""
     from dinoforge.curate.config import load_config
     from dinoforge.curate.pipeline import run_pipeline
     from dinoforge.distributed import init_from_env
