@@ -29,7 +29,7 @@ from dinoforge.utils import DinoforgeError
 SAMPLED_IMAGES = 64  # images opened to measure size and colour
 CPU_SAMPLES = 40_000  # images a run sees without --time on a CPU (the demo's 4 × 10k: minutes on 2 cores)
 GPU_SAMPLES = 2_000_000  # the same on a GPU (a ViT-S/14 at 224 px: about half an hour on one H100)
-PROBE_PERIOD, PROBE_WARM, PROBE_TIMED = 4, 1, 2  # probe: stamps every 4 steps; 1 period warms up, 2 are timed
+PROBE_PERIOD, PROBE_WARM, PROBE_TIMED = 2, 1, 2  # probe: a stamp every 2 steps; 1 period warms up, 2 are timed
 MARGIN = 0.05  # of the budget, kept free for the clock's spread between probe and run
 
 
