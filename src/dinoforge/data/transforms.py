@@ -89,6 +89,16 @@ def eval_transform_for(spec: str, image_size: int | None, patch_size: int) -> tu
     return eval_transform(resize=round(side * 256 / 224), crop=side), 0
 
 
+def embed_transform(data: str | None, size: int | None, patch_size: int) -> tuple[Any, int | None]:
+    """(transform, bundled canvas or None) of `dinoforge embed` and `dinoforge.embed`: the bundled set at its native
+    size rounded up to the patch, other images with the official resize 256 / crop 224, or an aspect-keeping `size`."""
+    if data is not None and data.split(":")[0] in ("bundled", "bundled-full") and not Path(data).exists():
+        return normalize_transform(), math.ceil((size or 32) / patch_size) * patch_size
+    if size is None:
+        return eval_transform(), None
+    return eval_transform_size(size, patch_size), None
+
+
 def finetune_transform(size: int, min_scale: float = 0.08) -> transforms.Compose:
     """Fine-tuning augmentation: a random resized crop (area `min_scale`..1 of the image, aspect 3/4..4/3, bicubic) to
     `size` px, a horizontal flip half the time, then the ImageNet normalisation."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -209,18 +208,6 @@ def path_list_features(
     return result
 
 
-def _embed_transform(data: str, size: int | None, patch_size: int) -> tuple[Any, int | None]:
-    """The transform of `dinoforge embed`: bundled images at their native size (rounded up to the patch),
-    otherwise the official resize 256 / crop 224, or an aspect-keeping `size`."""
-    from dinoforge.data.transforms import eval_transform, eval_transform_size, normalize_transform
-
-    if data.split(":")[0] in ("bundled", "bundled-full") and not Path(data).exists():
-        return normalize_transform(), math.ceil((size or 32) / patch_size) * patch_size
-    if size is None:
-        return eval_transform(), None
-    return eval_transform_size(size, patch_size), None
-
-
 def save_embeddings(
     net: torch.nn.Module,
     data: str,
@@ -236,9 +223,10 @@ def save_embeddings(
     (`patch_tokens`), labels.npy, files.txt (embedded items in row order), skipped.txt (corrupt/non-image
     files) and meta.json, which starts with `record` (what the backbone is); returns the meta."""
     from dinoforge.data.datasets import build_dataset, skipped_summary
+    from dinoforge.data.transforms import embed_transform
 
     patch_size = int(getattr(net, "patch_size", 14))
-    transform, bundled_size = _embed_transform(data, size, patch_size)
+    transform, bundled_size = embed_transform(data, size, patch_size)
     dataset = build_dataset(data, transform=transform, size=bundled_size or 32)
     if len(dataset) == 0:
         raise DinoforgeError(f"no images found in {data}")

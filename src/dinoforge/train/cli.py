@@ -33,9 +33,14 @@ def periodic_knn(cfg: DictConfig) -> Callable[[torch.nn.Module], dict[str, float
 
 def train_command(
     config: Annotated[
-        str,
-        typer.Option("--config", "-c", help=f"YAML file (official layout) or preset: {', '.join(PRESETS)}."),
-    ] = "demo",
+        str | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help=f"YAML file (official layout) or preset: {', '.join(PRESETS)}. Default: chosen from the images of "
+            "--data and this machine (printed, and saved in config.yaml as train.auto_choice).",
+        ),
+    ] = None,
     data: Annotated[
         str | None,
         typer.Option(
@@ -51,9 +56,20 @@ def train_command(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the newest checkpoint in --output-dir.")
     ] = False,
+    time_budget: Annotated[
+        str | None,
+        typer.Option(
+            "--time",
+            help="Wall-clock budget (600s, 10m, 1.5h): a short probe times the step, and the run's length and "
+            "every schedule are fitted to the steps that fill it.",
+        ),
+    ] = None,
     overrides: OverridesArg = None,
 ) -> None:
     """DINOv2 self-supervised pretraining (DINO + iBOT + KoLeo, EMA teacher, multi-crop).
+
+    Without -c the model, crops, batch and recipe are chosen from the images of --data and this machine (printed,
+    saved in config.yaml); --time fits the run to a wall-clock budget; key=value overrides win over both.
 
     Runs on one process, or under `torchrun --nproc-per-node N -m dinoforge train ...` (gloo on CPU, NCCL on GPU;
     train.distributed=ddp|fsdp). Start from existing backbone weights with student.pretrained_weights=PATH (released
@@ -65,17 +81,40 @@ def train_command(
     from the run; the official presets keep train.recipe=official).
     """
     from dinoforge import distributed as dist_utils
-    from dinoforge.config.config import load_config
     from dinoforge.data.datasets import report_skipped
-    from dinoforge.train.loop import train
 
-    cfg = load_config(config, overrides or [])
-    summary = train(cfg, output_dir, data=data, resume=resume, evaluate=periodic_knn(cfg))
+    summary = run_train(config, data, output_dir, resume, time_budget, overrides or [])
     if dist_utils.is_main_process():
         typer.echo(f"teacher backbone: {summary['teacher']}")
         typer.echo(f"results in {output_dir}")
         report_skipped(summary)
     dist_utils.shutdown()
+
+
+def run_train(
+    config: str | None,
+    data: str | None,
+    output_dir: Path,
+    resume: bool = False,
+    time_budget: str | None = None,
+    overrides: list[str] | None = None,
+) -> dict:
+    """`dinoforge train` as a function (also `dinoforge.train`): the config (`-c`, or chosen from the data and the
+    machine), fitted to `time_budget`, trained with the periodic k-NN it asks for; returns the run's summary."""
+    from dinoforge import distributed as dist_utils
+    from dinoforge.train.auto import configure, parse_duration
+    from dinoforge.train.loop import train
+    from dinoforge.utils import DinoforgeError, eprint
+
+    budget = parse_duration(time_budget) if time_budget else None
+    if resume and budget is not None:
+        raise DinoforgeError("--time fits a new run; a resumed run keeps the length saved in its config.yaml")
+    saved = Path(output_dir) / "config.yaml"
+    if resume and config is None and saved.is_file():  # the run's own config: a resumed run is the run it continues
+        config = str(saved)
+    say = eprint if dist_utils.is_main_process() else lambda *_: None
+    cfg = configure(config, data, list(overrides or []), budget, say)
+    return train(cfg, Path(output_dir), data=data, resume=resume, evaluate=periodic_knn(cfg))
 
 
 def distill_command(
