@@ -87,19 +87,25 @@ class BundledDataset(Dataset):
         self.split, self.transform, self.size, self.full = split, transform, size, full
         self.images, self.labels = _load_fashion_mnist(split, full)
         self._inner = max(1, round(size * 28 / 32)) if size != 28 else 28
+        self._canvases = np.zeros((len(self.labels), size, size), dtype=np.uint8)  # drawn once each, on first use
+        self._drawn = np.zeros(len(self.labels), dtype=bool)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def pil(self, index: int) -> Image.Image:
-        """Item `index` as an RGB PIL image of `size` px."""
-        img = Image.fromarray(self.images[index])
-        if self._inner != 28:
-            img = img.resize((self._inner, self._inner), Image.BICUBIC)
-        canvas = Image.new("L", (self.size, self.size))
-        off = (self.size - self._inner) // 2
-        canvas.paste(img, (off, off))
-        return canvas.convert("RGB")
+        """Item `index` as an RGB PIL image of `size` px (its grey canvas is drawn once and kept: training reads
+        every image each epoch)."""
+        if not self._drawn[index]:
+            img = Image.fromarray(self.images[index])
+            if self._inner != 28:
+                img = img.resize((self._inner, self._inner), Image.BICUBIC)
+            canvas = Image.new("L", (self.size, self.size))
+            off = (self.size - self._inner) // 2
+            canvas.paste(img, (off, off))
+            self._canvases[index] = np.asarray(canvas)
+            self._drawn[index] = True
+        return Image.fromarray(self._canvases[index]).convert("RGB")
 
     def __getitem__(self, index: int):
         img = self.pil(index)
