@@ -10,7 +10,7 @@ and k-NN is taken at fixed fractions of the run (the clock stops while k-NN runs
   `--variant NAME=key=value,key=value` adds `dinoforge:NAME` with those config overrides;
 - `simclr`, `vicreg`: two 24 px random-resized-crop (0.4-1) + flip views, lightly's heads and losses on CLS ⊕ mean
   patch, AdamW 1e-3 with cosine decay;
-- `lightly_dinov2`: the DINOv2 step assembled from lightly's blocks (`train_step.LightlyStep`) on dinoforge's
+- `lightly_dinov2`: the DINOv2 step assembled from lightly's blocks (`lightly_step.LightlyStep`) on dinoforge's
   crops and masks with the demo's schedules;
 - `supervised`: cross-entropy with the labels on CLS (the ceiling, not a peer).
 
@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import typer
+from harness import has_lightly, run_cli
 
 from dinoforge.config.config import load_config
 from dinoforge.data.batch_augment import crop_boxes
@@ -265,7 +266,7 @@ class SupervisedStep(PeerStep):
 
 
 class LightlyDinoStep(PeerStep):
-    """lightly's DINOv2 step (`train_step.LightlyStep`: a timm ViT with lightly's heads and losses, softmax centring)
+    """lightly's DINOv2 step (`lightly_step.LightlyStep`: a timm ViT with lightly's heads and losses, softmax centring)
     on dinoforge's crops and masks (`train.data.crops_and_masks`), with the demo recipe's schedules (lr, weight
     decay, EMA momentum, teacher temperature) resolved for this runner's own step count. lightly re-initialises the
     timm ViT (xavier-uniform Linear and patch embedding, CLS N(0, 0.02)); `dinoforge_init` starts it from the
@@ -274,7 +275,7 @@ class LightlyDinoStep(PeerStep):
     dinoforge_init = False
 
     def __init__(self, bench: Bench, steps: int):
-        from train_step import LightlyStep
+        from lightly_step import LightlyStep
 
         from dinoforge.data.datasets import BundledDataset
         from dinoforge.models.formats.timm import official_to_timm
@@ -517,7 +518,7 @@ def main(
         key = f"{minutes:g}min"
         runs = result["budgets"].setdefault(key, {})
         for name in [*chosen, *named]:
-            if name in PEERS and name != "supervised" and not _has_lightly():
+            if name in PEERS and name != "supervised" and not has_lightly():
                 bench.log(f"[{key}] {name}: skipped (lightly is not installed: pip install 'lightly==1.6.0')")
                 continue
             t = time.perf_counter()
@@ -532,14 +533,6 @@ def main(
     finish(result, out)
 
 
-def _has_lightly() -> bool:
-    try:
-        import lightly  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _machine() -> str:
     """The CPU model and its vector extensions (the kernels a run's timings depend on)."""
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
@@ -550,6 +543,4 @@ def _machine() -> str:
 
 
 if __name__ == "__main__":
-    from train_step import run_cli
-
     run_cli(main)
