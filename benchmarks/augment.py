@@ -2,13 +2,13 @@
 DataAugmentationDINO), against the demo training step's images/s measured in the same run.
 
 The data path is what the training loader does for one batch of the `demo` preset (128 bundled images, 2×24 px +
-4×12 px crops): read the images, the per-sample transform, the collate (where the batched augmentation runs) and
-the iBOT masks, with the very dataset and collate that `train.loop._build_loader` builds, called in this process
-at 1 thread (as in a DataLoader worker) and at torch's default threads. The step is benchmarks/train_step.py's
-dinoforge step (SSLMetaArch forward/backward, clipping, AdamW, EMA) on the demo config and batches of the
-batched data path, at the same thread counts. Rounds alternate all measurements, so background load hits them
-alike. Prints one JSON line per measurement, then the ratios: batched ÷ PIL, and data path ÷ step (target ≥ 3) for
-the demo's set-up (data at 1 thread in its loader worker, step at default threads) and at equal thread counts.
+4×12 px crops): read the images, the per-sample transform, the collate (where the batched augmentation runs) and the
+iBOT masks, with the package's `train.data.crops_and_masks` and sampler, at 1 thread (as in a DataLoader worker) and
+at torch's default threads. The step is the harness's DinoforgeStep (`train.step.TrainStep`, the step `dinoforge
+train` runs) on the demo config and batches of the batched data path, at the same thread counts. Rounds alternate all
+measurements, so background load hits them alike. Prints one JSON line per measurement, then the ratios: batched ÷
+PIL, and data path ÷ step (target ≥ 3) for the demo's set-up (data at 1 thread in its loader worker, step at default
+threads) and at equal thread counts.
 
     .venv/bin/python benchmarks/augment.py [--rounds 3] [--batches 2]
 """
@@ -16,17 +16,16 @@ the demo's set-up (data at 1 thread in its loader worker, step at default thread
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from harness import DinoforgeStep, emit, save
 
 from dinoforge.config.config import load_config
-from dinoforge.train import loop
-from dinoforge.utils import write_json
+from dinoforge.data.datasets import build_dataset
+from dinoforge.train.data import SeededAugment, StepSampler, crops_and_masks
 
 IMPLS = {"pil": "false", "batched": "true"}  # crops.batched_augmentation
 
@@ -34,8 +33,10 @@ IMPLS = {"pil": "false", "batched": "true"}  # crops.batched_augmentation
 def _data_path(impl: str):
     """The demo's training dataset, collate and batch sampler, for `impl` (PIL or batched augmentation)."""
     cfg = load_config("demo", [f"crops.batched_augmentation={IMPLS[impl]}", "train.num_workers=0"])
-    loader = loop._build_loader(cfg, "bundled:train", 0, 1, 0)
-    return cfg, loader.dataset, loader.collate_fn, iter(loader.batch_sampler)
+    transform, collate = crops_and_masks(cfg)
+    images = build_dataset("bundled:train", split="train")
+    sampler = StepSampler(len(images), cfg.train.batch_size_per_gpu, cfg.train.seed)
+    return cfg, SeededAugment(images, transform), collate, iter(sampler)
 
 
 def _time_batch(dataset, collate, keys, threads: int) -> tuple[float, dict]:
@@ -52,9 +53,6 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1, help="untimed training steps before the rounds")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/augment"), help="folder for results.json")
     args = ap.parse_args()
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from train_step import DinoforgeStep  # the train-step benchmark's step, so both benchmarks time the same thing
 
     default_threads = torch.get_num_threads()
     thread_counts = sorted({1, default_threads})
@@ -102,7 +100,7 @@ def main() -> None:
         for t, s in step_times.items()
     ]
     for r in results:
-        print(json.dumps(r), flush=True)
+        emit(r)
 
     data = {(r["impl"], r["threads"]): r["img_per_s"] for r in results if r["measure"] == "data_path"}
     steps = {r["threads"]: r["img_per_s"] for r in results if r["measure"] == "train_step"}
@@ -125,9 +123,8 @@ def main() -> None:
         for td, ts in pairs
     ]
     for line in ratios:
-        print(json.dumps(line), flush=True)
-    path = write_json(args.out / "results.json", {"measurements": results, "ratios": ratios, "argv": sys.argv[1:]})
-    print(f"results: {path}", file=sys.stderr)
+        emit(line)
+    save(args.out, results, ratios)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 Student: the `demo` preset (embed 128, depth 4). SSL step: EMA teacher of the student's size, masked student.
 Distillation step: a frozen teacher `--teacher-depth` blocks deep and `--teacher-width` wide (random weights, with
 its heads, written as a training checkpoint), unmasked student, iBOT on every global-crop patch, EMA of the student.
-Both are `train_step.py`'s DinoforgeStep (forward_backward, clip, AdamW, EMA update) on the same batches, each in
-its own spawned process (own peak RSS), steps alternated by the parent. Prints one JSON line per step kind and a
+Both are the harness's DinoforgeStep (`train.step.TrainStep`, the step `dinoforge train` runs) on the same batches,
+each in its own spawned process (own peak RSS), steps alternated by the parent. Prints one JSON line per step kind and a
 ratio line (distillation ÷ SSL).
 
     python benchmarks/distill_step.py                        # < 1 min on 2 CPU cores
@@ -13,17 +13,15 @@ ratio line (distillation ÷ SSL).
 
 from __future__ import annotations
 
-import json
-import sys
 import tempfile
 from pathlib import Path
 from typing import Annotated
 
 import torch
 import typer
-from train_step import BENCH_MODELS, Spec, measure_pair, run_cli  # benchmarks/ is sys.path[0] when run as a script
+from harness import BENCH_MODELS, Spec, emit, measure_pair, run_cli, save
 
-from dinoforge.utils import DinoforgeError, resolve_device, write_json
+from dinoforge.utils import DinoforgeError, resolve_device
 
 STUDENT = "demo"
 
@@ -72,7 +70,7 @@ def main(
     ssl.update(step="ssl", teacher=f"EMA of the student ({ssl['arch']})")
     dist.update(step="distillation", teacher=f"frozen {teacher}")
     for r in (ssl, dist):
-        print(json.dumps(r), flush=True)
+        emit(r)
     ratio = {
         "ratio": "distillation/ssl step time",
         "model": STUDENT,
@@ -86,11 +84,8 @@ def main(
     }
     if "peak_cuda_mb" in ssl:
         ratio["peak_cuda_ratio"] = dist["peak_cuda_mb"] / ssl["peak_cuda_mb"]
-    print(json.dumps(ratio), flush=True)
-    path = write_json(
-        Path(out) / "results.json", {"measurements": [ssl, dist], "ratios": [ratio], "argv": sys.argv[1:]}
-    )
-    print(f"results: {path}", file=sys.stderr)
+    emit(ratio)
+    save(out, [ssl, dist], [ratio])
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ and k-NN is taken at fixed fractions of the run (the clock stops while k-NN runs
   `official_init=train.small_recipe.init=official`, the backbone drawn as the official code draws it);
 - `simclr`, `vicreg`: two 24 px random-resized-crop (0.4-1) + flip views, lightly's heads and losses on CLS ⊕ mean
   patch, AdamW 1e-3 with cosine decay, on dinoforge's backbone (official init);
-- `lightly_dinov2`: the DINOv2 step assembled from lightly's blocks (`train_step.LightlyStep`: a timm ViT that
+- `lightly_dinov2`: the DINOv2 step assembled from lightly's blocks (`lightly_step.LightlyStep`: a timm ViT that
   lightly re-initialises, xavier-uniform, with lightly's heads and losses and softmax centring) on dinoforge's
   crops and masks, with the demo recipe's schedules resolved for its own fitted step count;
   `lightly_dinov2_official_init`: the same, started from dinoforge's official init instead of lightly's re-init;
@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import typer
+from harness import has_lightly, run_cli
 
 from dinoforge.config.config import load_config
 from dinoforge.data.batch_augment import crop_boxes
@@ -272,7 +273,7 @@ class SupervisedStep(PeerStep):
 
 
 class LightlyDinoStep(PeerStep):
-    """lightly's DINOv2 step (`train_step.LightlyStep`: a timm ViT with lightly's heads and losses, softmax centring)
+    """lightly's DINOv2 step (`lightly_step.LightlyStep`: a timm ViT with lightly's heads and losses, softmax centring)
     on dinoforge's crops and masks (`train.data.crops_and_masks`), with the demo recipe's schedules (lr, weight
     decay, EMA momentum, teacher temperature) resolved for this runner's own step count. lightly re-initialises the
     timm ViT (xavier-uniform Linear and patch embedding, CLS N(0, 0.02)); `dinoforge_init` starts it from the
@@ -281,7 +282,7 @@ class LightlyDinoStep(PeerStep):
     dinoforge_init = False
 
     def __init__(self, bench: Bench, steps: int):
-        from train_step import LightlyStep
+        from lightly_step import LightlyStep
 
         from dinoforge.data.datasets import BundledDataset
         from dinoforge.models.formats.timm import official_to_timm
@@ -524,7 +525,7 @@ def main(
         key = f"{minutes:g}min"
         runs = result["budgets"].setdefault(key, {})
         for name in [*chosen, *named]:
-            if name in PEERS and name != "supervised" and not _has_lightly():
+            if name in PEERS and name != "supervised" and not has_lightly():
                 bench.log(f"[{key}] {name}: skipped (lightly is not installed: pip install 'lightly==1.6.0')")
                 continue
             t = time.perf_counter()
@@ -539,14 +540,6 @@ def main(
     finish(result, out)
 
 
-def _has_lightly() -> bool:
-    try:
-        import lightly  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _machine() -> str:
     """The CPU model and its vector extensions (the kernels a run's timings depend on)."""
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
@@ -557,6 +550,4 @@ def _machine() -> str:
 
 
 if __name__ == "__main__":
-    from train_step import run_cli
-
     run_cli(main)

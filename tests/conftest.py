@@ -18,6 +18,26 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", help="where the tests marked gpu run (benchmarks/gpu_check.py: cuda)")
+
+
+def pytest_configure(config):
+    """On CUDA, deterministic kernels (cuBLAS workspace set before CUDA starts): bit-exact tests stay bit-exact."""
+    if config.getoption("--device").startswith("cuda"):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+@pytest.fixture
+def device(request) -> torch.device:
+    """The --device of the tests marked gpu; fp32 there means fp32 (no TF32 matmuls or convolutions)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return torch.device(request.config.getoption("--device"))
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread for the test: tiny ops and small models only add OpenMP contention on a shared 2-core CPU."""

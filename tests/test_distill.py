@@ -192,8 +192,8 @@ def test_heads_trained_on_a_frozen_backbone_make_a_distillation_teacher(tmp_path
 
     from dinoforge.models.weights import build_backbone, save_backbone
     from dinoforge.train import loop
-    from dinoforge.train.checkpoint import list_checkpoints, load_checkpoint
-    from dinoforge.train.meta_arch import backbone_kwargs, load_distillation_teacher
+    from dinoforge.train.checkpoint import list_checkpoints, load_checkpoint, load_distillation_teacher
+    from dinoforge.train.meta_arch import backbone_kwargs
 
     big = ["student.embed_dim=48", "student.depth=3", "student.num_heads=3", "student.layerscale=1.0"]
     supervised = build_backbone(backbone_kwargs(tiny_cfg(*big)))

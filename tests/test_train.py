@@ -215,6 +215,7 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
+@pytest.mark.gpu  # the loop trains on CUDA when present
 @pytest.mark.parametrize("variant", list(RESUME_VARIANTS))
 def test_train_writes_outputs_and_resume_is_exact(tmp_path, monkeypatch, one_thread, variant):
     """Per-sample PIL augmentation and batched augmentation in the collate function (crops.batched_augmentation),

@@ -24,11 +24,8 @@ def softmax_center(logits: torch.Tensor, center: torch.Tensor, temp: float) -> t
 
 @torch.no_grad()
 def ema_center(center: torch.Tensor, logits: torch.Tensor, momentum: float) -> torch.Tensor:
-    """New centre = momentum·centre + (1−momentum)·mean of `logits` over every row of every process.
-
-    `logits` is [..., K]; all leading dimensions are averaged (rows of the CLS batch, or all patch tokens).
-    A process may contribute no rows (e.g. no masked patch in its batch).
-    """
+    """New centre = momentum·centre + (1−momentum)·mean of `logits` [..., K] over every row of every process
+    (a process may bring no rows)."""
     flat = logits.detach().float().reshape(-1, logits.shape[-1])
     stats = torch.cat([flat.sum(0), flat.new_tensor([flat.shape[0]])])
     all_reduce_sum(stats)
@@ -38,10 +35,8 @@ def ema_center(center: torch.Tensor, logits: torch.Tensor, momentum: float) -> t
 
 
 def _logsumexp(x: torch.Tensor, dim: int | None, across_processes: bool) -> torch.Tensor:
-    """log Σ exp(x) over `dim` (all elements when None), optionally over that dim on every process too.
-
-    The large tensor is reduced locally (fused op); only the small per-process results are combined.
-    """
+    """log Σ exp(x) over `dim` (all elements when None), optionally across processes: the large tensor is reduced
+    locally, only the small per-process results are combined."""
     dims = tuple(range(x.dim())) if dim is None else (dim,)
     local = torch.logsumexp(x, dim=dims, keepdim=True)  # -inf where this process has no rows
     if not (across_processes and is_enabled()):
@@ -61,14 +56,8 @@ def sinkhorn_knopp(
     n_iterations: int = 3,
     n_samples: torch.Tensor | int | None = None,
 ) -> torch.Tensor:
-    """Balanced soft assignment of the B rows of `logits` [B, K] to K prototypes (Caron et al. SwAV).
-
-    Alternates prototype normalisation (mass 1/K each, over all processes) and sample normalisation (1/B
-    each), as the official code, so rows of the result sum to 1 and prototypes approach a uniform share.
-    `n_samples` is the local count of real rows (iBOT passes the number of masked patches); it is summed
-    across processes. The iterations run in the log domain: same result, but large logits/temp cannot
-    overflow or underflow to NaN.
-    """
+    """Balanced soft assignment of the rows of `logits` [B, K] to K prototypes (SwAV), as the official code but in the
+    log domain so large logits/temp cannot overflow; `n_samples` is the local count of real rows."""
     log_q = logits.float() / temp  # B x K: rows are samples, columns prototypes
     n_proto = log_q.shape[1]
     local = log_q.shape[0] if n_samples is None else n_samples

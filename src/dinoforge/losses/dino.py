@@ -12,14 +12,8 @@ from dinoforge.losses.cross_entropy import soft_cross_entropy
 
 
 class DINOLoss(nn.Module):
-    """Cross-entropy between teacher probabilities and student log-softmax (Caron et al. 2021; DINOv2 §4).
-
-    `forward` sums, over every (student crop, teacher crop) pair it is given, −mean_b Σ_k t·log_softmax(s/T).
-    It does not exclude pairs itself: like the official meta-arch, the caller keeps a global crop from being
-    compared with itself by passing the student's globals [A; B] against the teacher's globals swapped [B; A]
-    as a single pair (then multiplying by 2, since the mean runs over both crops), and the local crops against
-    the list of teacher globals. The caller divides by the number of terms (n_g·(n_g−1) + n_l·n_g).
-    """
+    """Cross-entropy between teacher probabilities and student log-softmax (DINO; DINOv2 §4), summed over the
+    (student, teacher) pairs given: the caller pairs the crops and divides by the number of terms."""
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
         super().__init__()
@@ -44,10 +38,8 @@ class DINOLoss(nn.Module):
         student_output_list: Sequence[torch.Tensor],
         teacher_out_softmaxed_centered_list: Sequence[torch.Tensor],
     ) -> torch.Tensor:
-        """Sum over all (student, teacher) pairs of the batch-mean cross-entropy; inputs are [B, K] each.
-
-        The cross-entropy is linear in the target, so each student crop meets the sum of the teacher crops once
-        (fp32, chunked over rows: `soft_cross_entropy`)."""
+        """Sum over the student crops of the batch-mean cross-entropy against the sum of the teacher targets ([B, K]
+        each; the loss is linear in the target, so this equals the sum over pairs)."""
         targets = sum(t.float() for t in teacher_out_softmaxed_centered_list)
         total = torch.zeros((), device=student_output_list[0].device)
         for s in student_output_list:

@@ -10,11 +10,8 @@ from dinoforge.losses.cross_entropy import float32_region
 
 
 class KoLeoLoss(nn.Module):
-    """Kozachenko-Leonenko entropy estimate (Sablayrolles et al. 2019): −mean_i log(‖x_i − x_nn(i)‖ + eps).
-
-    With a batch of one there is no neighbour: the loss is 0 (still connected to the graph), where the
-    official code takes the sample as its own neighbour: a spurious −log(eps·√D), inf in fp16.
-    """
+    """Kozachenko-Leonenko entropy estimate: −mean_i log(‖x_i − x_nn(i)‖ + eps); 0 at batch size one, where the
+    official code takes a sample as its own neighbour (−log(eps·√D), inf in fp16)."""
 
     def forward(self, student_output: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
         """student_output: [B, D] features of one crop set (not two views of the same images); fp32 under autocast

@@ -1,5 +1,5 @@
-"""Training checkpoints: the full training state (model, optimizer, RNGs, also under FSDP2) written atomically, the
-last few kept, found again and restored by --resume."""
+"""All checkpoint reading and writing: the full training state (also under FSDP2) written atomically and restored by
+--resume, the exported teacher backbone, and a checkpoint's teacher (backbone and heads) read back to distil from."""
 
 from __future__ import annotations
 
@@ -13,10 +13,17 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from dinoforge import distributed as dist_utils
+from dinoforge.models.heads import DINOHead
 from dinoforge.models.vision_transformer import DinoVisionTransformer
-from dinoforge.models.weights import load_state_dict_strict, save_backbone
+from dinoforge.models.weights import (
+    build_backbone,
+    infer_arch,
+    load_state_dict_strict,
+    normalize_state_dict,
+    save_backbone,
+)
 from dinoforge.train.highres import crop_phases, global_size_at, switch_resolution
-from dinoforge.utils import DinoforgeError, atomic_torch_save
+from dinoforge.utils import DinoforgeError, atomic_torch_save, require_file
 
 CKPT_RE = re.compile(r"model_(\d+)\.pth$")
 
@@ -194,3 +201,81 @@ def export_teacher(model_state: dict, arch: dict, path: Path, prefix: str = "tea
     backbone.load_state_dict({k[len(prefix) :]: v for k, v in model_state.items() if k.startswith(prefix)})
     save_backbone(backbone, path)
     return path
+
+
+def _head_kwargs(sd: dict[str, torch.Tensor]) -> dict:
+    """DINOHead constructor arguments read off a head's weights."""
+    linears = sorted(
+        int(k.split(".")[1]) for k in sd if k.startswith("mlp.") and k.endswith(".weight") and k.count(".") == 2
+    )
+    first = sd[f"mlp.{linears[0]}.weight"] if linears else sd["mlp.weight"]
+    out_dim, bottleneck = sd["last_layer.weight_v"].shape
+    return dict(
+        out_dim=out_dim,
+        nlayers=max(len(linears), 1),
+        hidden_dim=first.shape[0] if len(linears) > 1 else 2048,
+        bottleneck_dim=bottleneck,
+        use_bn=any(v.dim() == 1 and k.endswith("running_mean") for k, v in sd.items()),
+        mlp_bias=any(k.endswith(".bias") for k in sd),
+    )
+
+
+def _teacher_parts(obj: object) -> dict[str, dict[str, torch.Tensor]]:
+    """The teacher's backbone, dino_head and ibot_head state dicts (each possibly empty) of a checkpoint object:
+    {"teacher": {backbone.*, dino_head.*, ...}} (official eval checkpoints) or {"model": {teacher.*}} (official and
+    dinoforge training checkpoints); anything else has none."""
+    if isinstance(obj, dict) and isinstance(obj.get("teacher"), dict):
+        sd = obj["teacher"]
+    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        sd = {k[len("teacher.") :]: v for k, v in obj["model"].items() if k.startswith("teacher.")}
+    else:
+        sd = {}
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    return {
+        name: {k[len(name) + 1 :]: v for k, v in sd.items() if k.startswith(name + ".")}
+        for name in ("backbone", "dino_head", "ibot_head")
+    }
+
+
+def read_teacher_heads(path: str) -> dict[str, dict[str, torch.Tensor]]:
+    """The DINO/iBOT heads of the teacher in a training checkpoint file (see _teacher_parts); {} for backbone-only
+    weights (released .pth files, exports, safetensors, HF folders)."""
+    p = Path(path)
+    if not p.is_file() or p.suffix == ".safetensors":
+        return {}
+    try:  # mmap: the file was read once already (load_backbone), and a training checkpoint holds optimizer state
+        obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    return {name: sd for name, sd in _teacher_parts(obj).items() if name != "backbone" and sd}
+
+
+def load_distillation_teacher(path: str, patch_size: int) -> tuple[nn.ModuleDict, dict[str, dict]]:
+    """The frozen teacher (backbone + heads) of a dinoforge or official training checkpoint, and its head shapes;
+    backbone weights alone are refused: the targets need heads."""
+    path = str(require_file(path, "distillation teacher checkpoint"))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DinoforgeError(f"cannot read teacher checkpoint {path}: {type(e).__name__}") from None
+    parts = _teacher_parts(obj)
+    if not parts["backbone"] or not parts["dino_head"]:
+        raise DinoforgeError(
+            f"{path} has no teacher backbone + dino_head: distillation needs a training checkpoint with heads"
+        )
+    backbone_sd = normalize_state_dict(parts["backbone"], source=path)
+    arch = obj.get("arch") if isinstance(obj.get("arch"), dict) else infer_arch(backbone_sd)
+    if arch["patch_size"] != patch_size:
+        raise DinoforgeError(
+            f"teacher patch size {arch['patch_size']} differs from the student's {patch_size}: "
+            "iBOT needs one patch grid"
+        )
+    backbone = build_backbone(arch)
+    load_state_dict_strict(backbone, backbone_sd, source=path)
+    modules, heads = {"backbone": backbone}, {}
+    for name in ("dino_head", "ibot_head"):
+        if parts[name]:
+            heads[name] = _head_kwargs(parts[name])
+            modules[name] = DINOHead(in_dim=backbone.embed_dim, **heads[name])
+            load_state_dict_strict(modules[name], parts[name], source=f"{path} ({name})")
+    return nn.ModuleDict(modules).eval(), heads

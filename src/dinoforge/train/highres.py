@@ -82,13 +82,10 @@ def check_crop_phases(cfg: DictConfig) -> list[CropPhase]:
 
 @torch.no_grad()
 def switch_resolution(model: torch.nn.Module, optimizer: torch.optim.Optimizer, global_size: int) -> None:
-    """Resize the student's and its EMA's position embeddings to `global_size` crops, in place (a frozen
-    distillation teacher interpolates at forward time, as before), and AdamW's state of the student's.
-
-    The first moment is resized like the parameter (the interpolation is linear); the second moment too, floored at
-    its old minimum so that bicubic overshoot never leaves a position with a zero or negative variance estimate."""
+    """Resize the student's and its EMA's position embeddings, and AdamW's moments of the student's, to
+    `global_size` crops in place; the second moment is floored at its old minimum (no negative variance)."""
     student = model.student.backbone
-    ema = (model.student_ema if model.distill else model.teacher).backbone
+    ema = model.ema.backbone
     n_old = student.pos_embed.shape[1]
     for backbone in (student, ema):
         backbone.set_img_size(global_size)

@@ -96,10 +96,8 @@ class Progress:
 
 
 class StallMonitor:
-    """Watches the collapse indicators and reports, once each, a DINO loss stuck at the uniform solution and a
-    collapsed CLS token, naming the likely cause and the option that fixes it.
-
-    `check` returns 1.0 while a problem stands (logged as the `stalled` column of metrics.csv), else 0.0."""
+    """Reports once each a DINO loss stuck at the uniform solution and a collapsed CLS token, naming the cause and the
+    fix; `check` returns 1.0 while a problem stands (the `stalled` column of metrics.csv)."""
 
     def __init__(self, max_iter: int, recipe: str, warn: bool = True):
         self.first_check = math.ceil(STALL_FRACTION * max_iter)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +13,7 @@ from torch import nn
 from dinoforge.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinoforge.models.heads import DINOHead
 from dinoforge.models.vision_transformer import ARCHS, DinoVisionTransformer
+from dinoforge.train.checkpoint import load_distillation_teacher, read_teacher_heads
 from dinoforge.train.distributed import reshard
 from dinoforge.utils import DinoforgeError
 
@@ -45,12 +45,8 @@ def backbone_kwargs(cfg: DictConfig) -> dict:
 
 
 def packing_backend(sequence_packing: bool | None, device: torch.device) -> str | None:
-    """The student's sequence-packing backend for `train.sequence_packing` on `device`, None for per-crop batches.
-
-    Null decides by device: on for CUDA (varlen attention kernels), off on CPU, where packing measured slower
-    (README "Sequence packing"). The backend is "njt" everywhere: flex_attention has no backward on CPU and needs
-    torch.compile on CUDA.
-    """
+    """The student's sequence-packing backend for `train.sequence_packing` on `device` (null: on for CUDA only,
+    where it is faster), None for per-crop batches; always "njt" (flex_attention has no CPU backward)."""
     on = device.type == "cuda" if sequence_packing is None else sequence_packing
     return "njt" if on else None
 
@@ -66,18 +62,19 @@ def _head(in_dim: int, c: DictConfig) -> DINOHead:
 
 
 class SSLMetaArch(nn.Module):
-    """DINOv2 student (backbone + heads, trained) and teacher (no gradients).
-
-    Pretraining: the teacher is the student's EMA. Distillation (`distillation.enabled`, DINOv2 §5): the teacher is a
-    frozen larger model with its heads, the student sees no masks and has no stochastic depth, iBOT runs on every
-    patch of the global crops, and a spare EMA of the student (`student_ema`) is the model that gets exported.
-    """
+    """DINOv2 student (backbone + heads, trained) and teacher (no gradients): the student's EMA, or when distilling
+    (DINOv2 §5) a frozen larger model, with a spare EMA of the student (`student_ema`) for export."""
 
     def __init__(self, cfg: DictConfig):
         super().__init__()
         self.cfg = cfg
         self.arch = backbone_kwargs(cfg)
-        self.distill = bool(cfg.distillation.enabled)
+        frozen, heads = (  # a frozen teacher is built first: the student's heads take its heads' shapes
+            load_distillation_teacher(cfg.distillation.teacher_checkpoint, self.arch["patch_size"])
+            if cfg.distillation.enabled
+            else (None, {})
+        )
+        self.distill = frozen is not None
         drop_path_rate = 0.0 if self.distill else cfg.student.drop_path_rate  # §5 removes stochastic depth
         student_backbone = DinoVisionTransformer(
             **self.arch, drop_path_rate=drop_path_rate, drop_path_uniform=cfg.student.drop_path_uniform
@@ -90,18 +87,14 @@ class SSLMetaArch(nn.Module):
         self.do_dino = cfg.dino.loss_weight > 0
         self.do_koleo = cfg.dino.koleo_loss_weight > 0
         self.do_ibot = cfg.ibot.loss_weight > 0
-        self.ibot_separate_head = self.do_ibot and cfg.ibot.separate_head
-
-        if self.distill:
-            teacher, heads = load_distillation_teacher(cfg.distillation.teacher_checkpoint, self.arch["patch_size"])
-            self.ibot_separate_head = self.do_ibot and "ibot_head" in teacher
+        self.ibot_separate_head = self.do_ibot and ("ibot_head" in heads if self.distill else cfg.ibot.separate_head)
         student = {"backbone": student_backbone}
         for name, c in (("dino_head", cfg.dino), ("ibot_head", cfg.ibot)):
             if name == "dino_head" or self.ibot_separate_head:
-                student[name] = DINOHead(**heads[name], in_dim=embed_dim) if self.distill else _head(embed_dim, c)
+                student[name] = DINOHead(**heads[name], in_dim=embed_dim) if name in heads else _head(embed_dim, c)
         self.student = nn.ModuleDict(student)
         if self.distill:
-            self.teacher = teacher
+            self.teacher = frozen
             self.student_ema = copy.deepcopy(self.student)
             self.student_ema.requires_grad_(False)
         else:
@@ -109,7 +102,7 @@ class SSLMetaArch(nn.Module):
             self.teacher.backbone = DinoVisionTransformer(**self.arch)  # no stochastic depth in the teacher
             self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
-        self.export_prefix = "student_ema.backbone." if self.distill else "teacher.backbone."
+        self.ema_name = "student_ema" if self.distill else "teacher"
 
         n_dino = self.student.dino_head.last_layer.weight_v.shape[0]
         n_ibot = self.student.ibot_head.last_layer.weight_v.shape[0] if self.ibot_separate_head else n_dino
@@ -117,18 +110,24 @@ class SSLMetaArch(nn.Module):
         self.ibot_patch_loss = iBOTPatchLoss(n_ibot)
         self.koleo_loss = KoLeoLoss()
 
+    @property
+    def ema(self) -> nn.ModuleDict:
+        """The EMA of the student: the teacher, or student_ema when distilling (the teacher is then frozen)."""
+        return getattr(self, self.ema_name)
+
+    @property
+    def export_prefix(self) -> str:
+        """The state-dict prefix of the backbone a run exports: its EMA's."""
+        return f"{self.ema_name}.backbone."
+
     def train(self, mode: bool = True) -> SSLMetaArch:
         super().train(mode)
         self.teacher.eval()
         return self
 
     def load_pretrained(self, path: str) -> str:
-        """Start the student and its EMA (the teacher, or student_ema when distilling) from a weights file.
-
-        The backbone's position embedding is resized to the global crop size as the weights' own model would do at
-        that size; a training checkpoint's teacher heads are loaded too, other files leave the heads freshly
-        initialised. Any other mismatch is one DinoforgeError naming the keys. Returns a line saying what was loaded.
-        """
+        """Start the student and its EMA from a weights file (position embedding resized to the crop size; a training
+        checkpoint's teacher heads too); returns a line saying what was loaded."""
         from dinoforge.models.weights import load_backbone, load_state_dict_strict
 
         backbone = load_backbone(path, img_size=self.arch["img_size"])
@@ -138,10 +137,9 @@ class SSLMetaArch(nn.Module):
             raise DinoforgeError(
                 f"{path} holds {', '.join(extra)} that this config has no place for (ibot.separate_head is false)"
             )
-        ema = self.student_ema if self.distill else self.teacher
         for name, sd in state.items():
             load_state_dict_strict(self.student[name], sd, source=f"{path} ({name})")
-            ema[name].load_state_dict(self.student[name].state_dict())
+            self.ema[name].load_state_dict(self.student[name].state_dict())
         heads = " and ".join(n for n in state if n != "backbone") or "none (fresh heads)"
         return f"starting from {path}: backbone at {self.arch['img_size']} px, heads from the file: {heads}"
 
@@ -251,7 +249,7 @@ class SSLMetaArch(nn.Module):
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
         """EMA: teacher (student_ema when distilling) ← m·ema + (1−m)·student, over every parameter."""
-        ema = self.student_ema if self.distill else self.teacher
+        ema = self.ema
         reshard(ema)  # both sides must hold their shards, not the gathered parameters
         t_params, s_params = [], []
         for k in self.student:
@@ -259,87 +257,3 @@ class SSLMetaArch(nn.Module):
                 t_params.append(pt.to_local() if hasattr(pt, "to_local") else pt)
                 s_params.append(ps.to_local() if hasattr(ps, "to_local") else ps)
         torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
-
-
-def _head_kwargs(sd: dict[str, torch.Tensor]) -> dict:
-    """DINOHead constructor arguments read off a head's weights."""
-    linears = sorted(
-        int(k.split(".")[1]) for k in sd if k.startswith("mlp.") and k.endswith(".weight") and k.count(".") == 2
-    )
-    first = sd[f"mlp.{linears[0]}.weight"] if linears else sd["mlp.weight"]
-    out_dim, bottleneck = sd["last_layer.weight_v"].shape
-    return dict(
-        out_dim=out_dim,
-        nlayers=max(len(linears), 1),
-        hidden_dim=first.shape[0] if len(linears) > 1 else 2048,
-        bottleneck_dim=bottleneck,
-        use_bn=any(v.dim() == 1 and k.endswith("running_mean") for k, v in sd.items()),
-        mlp_bias=any(k.endswith(".bias") for k in sd),
-    )
-
-
-def _teacher_parts(obj: object) -> dict[str, dict[str, torch.Tensor]]:
-    """The teacher's backbone, dino_head and ibot_head state dicts (each possibly empty) of a checkpoint object:
-    {"teacher": {backbone.*, dino_head.*, ...}} (official eval checkpoints) or {"model": {teacher.*}} (official and
-    dinoforge training checkpoints); anything else has none."""
-    if isinstance(obj, dict) and isinstance(obj.get("teacher"), dict):
-        sd = obj["teacher"]
-    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        sd = {k[len("teacher.") :]: v for k, v in obj["model"].items() if k.startswith("teacher.")}
-    else:
-        sd = {}
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    return {
-        name: {k[len(name) + 1 :]: v for k, v in sd.items() if k.startswith(name + ".")}
-        for name in ("backbone", "dino_head", "ibot_head")
-    }
-
-
-def read_teacher_heads(path: str) -> dict[str, dict[str, torch.Tensor]]:
-    """The DINO/iBOT heads of the teacher in a training checkpoint file (see _teacher_parts); {} for backbone-only
-    weights (released .pth files, exports, safetensors, HF folders)."""
-    p = Path(path)
-    if not p.is_file() or p.suffix == ".safetensors":
-        return {}
-    try:  # mmap: the file was read once already (load_backbone), and a training checkpoint holds optimizer state
-        obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    return {name: sd for name, sd in _teacher_parts(obj).items() if name != "backbone" and sd}
-
-
-def load_distillation_teacher(path: str, patch_size: int) -> tuple[nn.ModuleDict, dict[str, dict]]:
-    """The frozen teacher (backbone + heads) of a dinoforge or official training checkpoint, and its head shapes.
-
-    Accepts {"teacher": {backbone.*, dino_head.*, ...}} (official eval checkpoints) and {"model": {teacher.*}}
-    (official and dinoforge training checkpoints); backbone weights alone are refused: the targets need heads.
-    """
-    from dinoforge.models.weights import build_backbone, infer_arch, load_state_dict_strict, normalize_state_dict
-    from dinoforge.utils import require_file
-
-    path = str(require_file(path, "distillation teacher checkpoint"))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DinoforgeError(f"cannot read teacher checkpoint {path}: {type(e).__name__}") from None
-    parts = _teacher_parts(obj)
-    if not parts["backbone"] or not parts["dino_head"]:
-        raise DinoforgeError(
-            f"{path} has no teacher backbone + dino_head: distillation needs a training checkpoint with heads"
-        )
-    backbone_sd = normalize_state_dict(parts["backbone"], source=path)
-    arch = obj.get("arch") if isinstance(obj.get("arch"), dict) else infer_arch(backbone_sd)
-    if arch["patch_size"] != patch_size:
-        raise DinoforgeError(
-            f"teacher patch size {arch['patch_size']} differs from the student's {patch_size}: "
-            "iBOT needs one patch grid"
-        )
-    backbone = build_backbone(arch)
-    load_state_dict_strict(backbone, backbone_sd, source=path)
-    modules, heads = {"backbone": backbone}, {}
-    for name in ("dino_head", "ibot_head"):
-        if parts[name]:
-            heads[name] = _head_kwargs(parts[name])
-            modules[name] = DINOHead(in_dim=backbone.embed_dim, **heads[name])
-            load_state_dict_strict(modules[name], parts[name], source=f"{path} ({name})")
-    return nn.ModuleDict(modules).eval(), heads

@@ -16,11 +16,8 @@ _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_orig_mod.", "_checkpoint_wrapped
 
 
 def vit_layer_id(name: str, num_layers: int) -> int:
-    """Depth index of a backbone parameter: 0 for embeddings and tokens, i+1 for block i, num_layers+1 else.
-
-    `name` is relative to the backbone. Chunked blocks (`blocks.{chunk}.{i}.…`, official `block_chunks`) hold
-    the global block index i, which is used; register tokens count as embeddings (the official gives them 1).
-    """
+    """Depth index of a backbone parameter (name relative to the backbone): 0 for embeddings and tokens, i+1 for
+    block i (also in the official chunked layout), num_layers+1 else."""
     if any(part in _EMBEDDING_NAMES for part in name.split(".")):
         return 0
     match = _BLOCK.search(name)
@@ -54,14 +51,8 @@ def _clean(name: str) -> str:
 def get_params_groups_with_decay(
     model: nn.Module, lr_decay_rate: float = 1.0, patch_embed_lr_mult: float = 1.0
 ) -> list[dict[str, Any]]:
-    """One dict per trainable parameter: params, name, lr_multiplier, wd_multiplier, is_last_layer.
-
-    `model` is a backbone, or any module containing one (e.g. a ModuleDict with backbone, dino_head,
-    ibot_head). Backbone parameters get the layer-wise decay; everything else (heads) gets 1. No weight decay
-    on biases, norms and LayerScale gammas; `patch_embed` parameters have their lr scaled by
-    `patch_embed_lr_mult`; parameters of a head's `last_layer` are flagged so their lr can follow the
-    last-layer schedule.
-    """
+    """One dict per trainable parameter (params, name, lr_multiplier, wd_multiplier, is_last_layer): layer-wise lr
+    decay on the backbone, no weight decay on biases, norms and LayerScale, `patch_embed_lr_mult` on the patch embed."""
     backbone_prefix, depth = _find_backbone(model)
     prefix = f"{_clean(backbone_prefix)}." if backbone_prefix else ""
     groups = []

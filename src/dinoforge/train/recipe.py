@@ -27,16 +27,8 @@ def prototypes_for(n_rows: int) -> int:
 
 
 def resolve_recipe(cfg: DictConfig, n_images: int, world: int = 1) -> dict[str, object]:
-    """Rewrite `cfg` in place for `train.recipe`; returns the keys it set (nothing for the official recipe).
-
-    small: one epoch is one pass over the data (`train.OFFICIAL_EPOCH_LENGTH`), the teacher's EMA starts with a
-    time constant of `train.small_recipe.ema_horizon` of the run and anneals to 1, the teacher temperature is
-    `train.small_recipe.teacher_temp` with no warm-up, LayerScale starts at `train.small_recipe.layerscale`, the
-    backbone is drawn by `train.small_recipe.init` (xavier: width-aware, docs/learning.md), the
-    blur sigma range scales with the global crop size (that of the high-res phase with its own), and both heads
-    get `prototypes_for(2 · global batch)` prototypes. The four `train.small_recipe` knobs are the way to vary the
-    recipe: the keys it derives are set over any value given for them.
-    """
+    """Rewrite `cfg` in place for `train.recipe` (small: schedules, LayerScale, the backbone's init, blur and
+    prototypes derived from the run, docs/reports/learning.md); returns the keys it set (none for the official one)."""
     recipe = cfg.train.recipe
     if recipe not in RECIPES:
         raise DinoforgeError(f"unknown train.recipe {recipe!r}; choose from {', '.join(RECIPES)}")

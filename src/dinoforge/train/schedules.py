@@ -13,12 +13,8 @@ from dinoforge.utils import DinoforgeError
 
 
 class CosineScheduler:
-    """`freeze_iters` zeros, a linear warm-up from `start_warmup_value` to `base_value` over `warmup_iters`,
-    then a half-cosine from `base_value` to `final_value`; indexing past `total_iters` gives `final_value`.
-
-    Same values as the official `dinov2.utils.utils.CosineScheduler` (the cosine never quite reaches the final
-    value inside the range: its last point is one step short of it).
-    """
+    """`freeze_iters` zeros, a linear warm-up to `base_value`, then a half-cosine to `final_value` (past `total_iters`:
+    `final_value`); the official `CosineScheduler`'s values."""
 
     def __init__(
         self,
@@ -80,14 +76,8 @@ class Schedules:
 
 
 def build_schedulers(cfg: Mapping[str, Any], world_size: int = 1) -> Schedules:
-    """Build the official recipe's schedules from a config with the official `optim`, `teacher`, `train` keys.
-
-    Epochs are `train.OFFICIAL_EPOCH_LENGTH` iterations; the run has `total_iterations(cfg)`. The peak lr is
-    `optim.base_lr` scaled by `optim.scaling_rule` for the total batch `train.batch_size_per_gpu · world_size`
-    (with no scaling rule, `optim.lr` is used); the last layer's lr is 0 for `optim.freeze_last_layer_epochs`,
-    then follows the lr.
-    The teacher temperature warms up linearly and then stays at `teacher.teacher_temp`.
-    """
+    """The official recipe's per-iteration schedules (lr scaled for the global batch, weight decay, last-layer lr,
+    EMA momentum, teacher temperature) from the `optim`, `teacher` and `train` keys."""
     optim, teacher, train = cfg["optim"], cfg["teacher"], cfg["train"]
     epoch = int(train["OFFICIAL_EPOCH_LENGTH"])
     total = total_iterations(cfg)
