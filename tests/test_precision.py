@@ -62,10 +62,23 @@ def test_a_resumed_run_keeps_its_choice_and_explicit_values_are_left_alone(monke
     assert on_cuda.compute_precision.autocast == "auto"  # CUDA keeps its own rule
 
 
-def test_the_timing_probe_runs_the_student_in_both_precisions():
+def test_the_timing_probe_runs_the_student_in_both_precisions(monkeypatch):
+    """The probe times a PROBE_DEPTH-block copy of the student at the global crop size, under the autocast asked."""
+    from dinoforge.models.vision_transformer import DinoVisionTransformer
+
+    real, seen = DinoVisionTransformer.forward_features, []
+
+    def spy(self, x, masks=None):
+        amp = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
+        seen.append((len(self.blocks), self.embed_dim, tuple(x.shape), amp))
+        return real(self, x, masks)
+
+    monkeypatch.setattr(DinoVisionTransformer, "forward_features", spy)
     cfg = load_config("demo")
     for dtype in (None, torch.bfloat16):
-        assert 0 < time_student_step(cfg, dtype, repeats=1) < 60
+        assert time_student_step(cfg, dtype, repeats=1) > 0
+    shape = (2, cfg.student.embed_dim, (16, 3, cfg.crops.global_crops_size, cfg.crops.global_crops_size))
+    assert seen == [(*shape, torch.float32)] * 2 + [(*shape, torch.bfloat16)] * 2  # a warm-up and one timed run
     assert OmegaConf.select(cfg, "compute_precision.autocast") == "auto"  # the probe does not resolve anything
 
 
