@@ -60,11 +60,11 @@ def test_demo_command_writes_summary_figures_and_table(tmp_path):
         assert img.std() > 10, figure  # not blank
 
 
-DEMO_STEPS = 40  # the demo preset as `dinoforge demo` runs it, cut to its first 40 steps (schedules fitted to them)
+DEMO_STEPS = 80  # the demo preset as `dinoforge demo` runs it, cut to 80 steps (its schedules fitted to them)
 # k-NN gain of the trained teacher over the same net at random init, both as the demo prints them (cls+avgpool).
 # Measured MEASURED on the 2026-12-07 preset (AMD EPYC, 2 threads); the full 312-step demo gains 0.0845. A preset that
 # stops learning (base_lr 0) gains GAINLESS, so MARGIN sits between the two with room for other machines' kernels.
-MARGIN = 0.0
+MARGIN = 0.02
 
 
 @pytest.mark.slow
@@ -83,4 +83,5 @@ def test_demo_preset_teacher_beats_random_init(tmp_path):
     rows = {line.split("│")[1].strip(): line for line in run.stdout.splitlines() if line.count("│") >= 3}
     assert f"{trained:.4f}" in rows["ViT, DINOv2-pretrained (teacher)"]  # the figures the demo prints
     assert f"{random_init:.4f}" in rows["ViT, random init"]
+    print(f"k-NN after {DEMO_STEPS} steps: trained {trained:.4f}, random init {random_init:.4f}")
     assert trained - random_init >= MARGIN, (trained, random_init)
