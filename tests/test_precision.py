@@ -1,6 +1,8 @@
 """What compute_precision.autocast=auto means on a CPU: bf16 only with bf16 matrix units and a measured gain."""
 
+import os
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,9 +106,6 @@ def test_train_writes_the_choice_and_resume_keeps_it_without_timing(tmp_path, mo
 
 def _rank_worker(rank: int, port: int, out: str) -> None:
     """One of two gloo processes whose bf16 probes disagree: rank 0's choice must be everyone's."""
-    import os
-    from pathlib import Path
-
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
     from dinoforge import distributed
