@@ -63,7 +63,8 @@ def test_demo_command_writes_summary_figures_and_table(tmp_path):
 DEMO_STEPS = 80  # the demo preset as `dinoforge demo` runs it, cut to 80 steps (its schedules fitted to them)
 # k-NN gain of the trained teacher over the net at random init, as the demo prints them (cls+avgpool). Measured on
 # the 2026-12-07 preset (official init; AMD EPYC, 2 threads, load about 10): 0.5840 against 0.5740 after 80 steps,
-# +0.010 (after 40 steps -0.011; the full 312-step demo +0.0845). MARGIN is half of it: thin (10 of 2000 images).
+# +0.010 (0.5840: the final k-NN in metrics.csv; 0.5740: the random-init row of the 40-step run and README's). After
+# 40 steps -0.011; the full 312-step demo +0.0845. MARGIN is half of it: thin (10 of 2000 images).
 # With student.init=xavier the random-init row is the teacher's own starting weights, so a preset that learns
 # nothing (base_lr 0) gains exactly 0; with the official init the demo draws that row anew (init_weights runs twice),
 # and two draws differ by about 0.0025 here. Re-measure when the preset changes.
