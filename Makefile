@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 OFFICIAL := dinov2==0.0.1.dev2
 PYTEST_ARGS ?=
 
-.PHONY: install install-test demo test test-fast test-portable lint bench gpu-check clean
+.PHONY: install install-test test-data demo test test-fast test-portable lint bench gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,15 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
+# Debian's Fashion-MNIST (70k images) for the test that regenerates the bundled subset from it: installed where apt-get
+# works (as root, or through sudo without a password), else the test is skipped and says so.
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo -n)
+test-data:
+	@test -d $(FASHION_MNIST) || { command -v apt-get >/dev/null \
+		&& $(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; } \
+		|| echo "note: dataset-fashion-mnist not installed (no apt-get or no root); its test will be skipped"
+
 demo: install
 	$(BIN)/dinoforge demo
 
@@ -38,7 +47,7 @@ KERNEL_TESTS := tests/test_mixed_precision.py tests/test_losses.py tests/test_mo
 	tests/test_train.py::test_bf16_autocast_tracks_fp32_and_fsdp2_mixed_precision_runs \
 	tests/test_train.py::test_fp16_autocast_with_grad_scaler
 
-test: install-test
+test: install-test test-data
 	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/python -m pytest -q -n 2 --durations=15 $(PYTEST_ARGS)
 	ATEN_CPU_CAPABILITY=$(OTHER_CAPABILITY) $(BIN)/python -m pytest -q -n 2 -m "not slow" $(KERNEL_TESTS)

@@ -1,7 +1,9 @@
 """Shared pytest set-up: quiet progress bars, deterministic seeds, one torch thread per xdist worker."""
 
 import os
+import random
 import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -51,3 +53,25 @@ def one_thread():
 def _seed():
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+KILL_SEED_ENV = "DINOFORGE_KILL_SEED"
+
+
+class KillPoints(random.Random):
+    """Where fault-injection tests kill a run: drawn from a fresh seed, or from DINOFORGE_KILL_SEED to replay one;
+    str() is the line to replay it (printed, so a failure's captured output shows it, and put in failure messages)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed)
+        self.seed_value = seed
+
+    def __str__(self) -> str:
+        return f"replay with {KILL_SEED_ENV}={self.seed_value}"
+
+
+@pytest.fixture
+def kill_points() -> KillPoints:
+    points = KillPoints(int(os.environ.get(KILL_SEED_ENV) or time.time_ns() % 2**32))
+    print(points)
+    return points

@@ -6,7 +6,6 @@ process group (not the dead workers' addresses left in torchrun's store)."""
 from __future__ import annotations
 
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -70,21 +69,22 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-def test_a_worker_killed_under_torchrun_max_restarts_resumes_to_the_same_run(tmp_path):
+def test_a_worker_killed_under_torchrun_max_restarts_resumes_to_the_same_run(tmp_path, kill_points):
     spec = pack_shards(BundledDataset("val"), tmp_path / "shards", max_images=500)["spec"]
     ref, part = tmp_path / "ref", tmp_path / "part"
     r = subprocess.run(_torchrun(ref, spec), env=CLI_ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
 
-    kill_at = random.Random(time.time_ns()).randint(6, 18)  # past the checkpoint of iteration 5
+    kill_at = kill_points.randint(6, 18)  # past the checkpoint of iteration 5
+    why = f"kill at iteration {kill_at}, {kill_points}"
     log = tmp_path / "torchrun.log"  # a file, not a pipe: nobody reads a pipe while the run goes on
     with open(log, "wb") as out:
         proc = subprocess.Popen(_torchrun(part, spec, "--max-restarts=1"), env=CLI_ENV, stdout=out, stderr=out)
     try:
         deadline = time.monotonic() + 240
         while _logged_iterations(part) <= kill_at:
-            assert proc.poll() is None, f"the run ended before iteration {kill_at}: {log.read_text()[-2000:]}"
-            assert time.monotonic() < deadline, f"timed out waiting for iteration {kill_at}"
+            assert proc.poll() is None, f"the run ended first ({why}): {log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, f"timed out waiting ({why})"
             time.sleep(0.02)
         victim = _worker(proc.pid, 1)
         assert victim is not None
@@ -93,13 +93,13 @@ def test_a_worker_killed_under_torchrun_max_restarts_resumes_to_the_same_run(tmp
         try:
             proc.wait(timeout=300)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"the restarted run did not finish (kill at {kill_at}): {log.read_text()[-3000:]}")
+            pytest.fail(f"the restarted run did not finish ({why}): {log.read_text()[-3000:]}")
     finally:
         _stop(proc)
     stderr = log.read_text()
-    assert proc.returncode == 0, (kill_at, stderr[-3000:])
-    assert 5 <= newest < kill_at + 1, (kill_at, newest)
-    assert f"resuming from {part / 'checkpoints'}" in stderr, (kill_at, stderr[-3000:])  # the restarted group
+    assert proc.returncode == 0, (why, stderr[-3000:])
+    assert 5 <= newest < kill_at + 1, (why, newest)
+    assert f"resuming from {part / 'checkpoints'}" in stderr, (why, stderr[-3000:])  # the restarted group
     assert_same_run(ref, part)
 
 

@@ -241,6 +241,11 @@ def test_sinkhorn_and_center_across_two_processes_equal_one_process_on_the_globa
 
 
 def test_low_precision_inputs_give_float32_results_close_to_float32():
+    # The claim is the float32 result dtype. The values can only be close: bf16 rounds the logits by up to 2^-9
+    # relative, and the teacher temperature 0.04 scales that to ~0.1 on logits/T. Measured at this seed: 3e-5 (softmax),
+    # 3.3e-3 (Sinkhorn-Knopp), rel 1.5e-4 (loss); over seeds 0-4 at most 8.8e-3, 8.5e-3, rel 1.2e-3. A softmax over
+    # the wrong dimension moves the probabilities by 1.0; a softmax taken in bf16 moves them by 1e-4 and is caught by
+    # the dtype checks only.
     logits, students = torch.randn(6, 16) * 3, [torch.randn(6, 16) for _ in range(2)]
     loss = DINOLoss(16)
     probs32, probs16 = (
@@ -248,10 +253,10 @@ def test_low_precision_inputs_give_float32_results_close_to_float32():
         loss.softmax_center_teacher(logits.bfloat16(), 0.04),
     )
     assert probs16.dtype == torch.float32
-    torch.testing.assert_close(probs16, probs32, atol=0.05, rtol=0.05)
+    torch.testing.assert_close(probs16, probs32, atol=1e-3, rtol=0)
     sk16 = loss.sinkhorn_knopp_teacher(logits.bfloat16(), 0.04)
     assert sk16.dtype == torch.float32
-    torch.testing.assert_close(sk16, loss.sinkhorn_knopp_teacher(logits, 0.04), atol=0.05, rtol=0.05)
+    torch.testing.assert_close(sk16, loss.sinkhorn_knopp_teacher(logits, 0.04), atol=1e-2, rtol=0)
     low = loss([s.bfloat16() for s in students], [probs16])
     assert low.dtype == torch.float32
-    assert low.item() == pytest.approx(loss(students, [probs32]).item(), rel=0.02)
+    assert low.item() == pytest.approx(loss(students, [probs32]).item(), rel=2e-3)

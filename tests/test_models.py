@@ -334,3 +334,64 @@ def test_subset_stochastic_depth_hand_computed():
     blk.attn.register_forward_hook(lambda mod, inp, o: calls.append(inp[0].shape[0]))
     blk(torch.randn(10, 5, 8))
     assert calls == [6]
+
+
+# Full-depth models (README: "the official code's features, max abs difference <= 1e-5 in fp32"). Weights are drawn at
+# the trained scale (std 0.02, LayerScale 0.5-1.5, unit-variance tokens and position embedding) so that twelve blocks
+# neither vanish nor blow up: measured max abs error 1.0-3.0e-6 on the normed outputs of ViT-S/14 (magnitude about 5).
+# At std 0.05 the pre-norm tokens reach magnitude 25 and differ by 1.4e-5, which is float32 rounding, not a bug. Bugs
+# measured: the final LayerNorm's eps at 1e-5 instead of 1e-6 moves the outputs by 1.7e-5, a position-embedding
+# interpolation offset 0.01 off by 2e-3.
+FULL_SIZES = [(224, 224), (182, 308)]
+
+
+def _full(ctor, **kw) -> DinoVisionTransformer:
+    return randomize_(ctor(**kw), scale=0.02)
+
+
+def _half_masked(hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two images in one forward: the first with 40 % of its patches masked, the second with none (the plain path)."""
+    masks = torch.rand(2, (hw[0] // 14) * (hw[1] // 14)) < 0.4
+    masks[1] = False
+    return torch.randn(2, 3, *hw), masks
+
+
+def _check_full_against_official(ours: DinoVisionTransformer, hw: tuple[int, int]) -> None:
+    ref = official(ours)
+    x, masks = _half_masked(hw)
+    kw = dict(n=4, reshape=True, return_class_token=True)
+    with torch.no_grad():
+        a, b = ours.forward_features(x, masks), ref.forward_features(x, masks)
+        for k in ("x_norm_clstoken", "x_norm_patchtokens", "x_prenorm"):
+            _close(a[k], b[k])
+        a, b = ours.get_intermediate_layers(x[1:], **kw), ref.get_intermediate_layers(x[1:], **kw)
+    for u, v in zip(torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b), strict=True):
+        _close(u, v)
+
+
+@pytest.mark.parametrize("hw", FULL_SIZES)
+def test_full_vit_small_matches_official(hw):
+    ours = _full(vit_small)
+    assert len(ours.blocks) == 12 and ours.pos_embed.shape == (1, 1 + 37 * 37, 384)
+    _check_full_against_official(ours, hw)
+
+
+@pytest.mark.slow
+def test_full_vit_base_matches_official():
+    ours = _full(vit_base)
+    assert len(ours.blocks) == 12 and ours.embed_dim == 768
+    _check_full_against_official(ours, (182, 308))
+
+
+def test_full_vit_small_registers_match_transformers(tmp_path):
+    ours = _full(vit_small, num_register_tokens=4, interpolate_antialias=True, interpolate_offset=0.0)
+    hf = _hf_registers(ours, tmp_path)
+    assert type(hf).__name__ == "Dinov2WithRegistersModel" and hf.config.num_hidden_layers == 12
+    x, masks = _half_masked((182, 308))
+    with torch.no_grad():
+        a = hf(pixel_values=x, bool_masked_pos=masks, output_hidden_states=True)
+        o = ours.forward_features(x, masks)
+    _close(a.last_hidden_state[:, 0], o["x_norm_clstoken"])
+    _close(a.last_hidden_state[:, 1:5], o["x_norm_regtokens"])
+    _close(a.last_hidden_state[:, 5:], o["x_norm_patchtokens"])
+    _close(a.hidden_states[-1], o["x_prenorm"])

@@ -400,10 +400,10 @@ def test_two_processes_match_one_process(tmp_path, mode):
         (tmp_path / "two" / "checkpoints" / "model_0000003.pth").unlink()
         (tmp_path / "two" / "teacher_backbone.safetensors").unlink()
         _spawn(2, tmp_path / "two", two, resume=True)
-        c = read_metrics(tmp_path / "two")
-        assert [float(r["total_loss"]) for r in c] == pytest.approx([float(r["total_loss"]) for r in b], rel=1e-6)
+        c = read_metrics(tmp_path / "two")  # the same kernels on the same shards: exact, as the 1-process resume
+        assert [r["total_loss"] for r in c] == [r["total_loss"] for r in b]
         tc = load_backbone(tmp_path / "two" / "teacher_backbone.safetensors").state_dict()
-        assert max((tb[k] - tc[k]).abs().max().item() for k in tb) < 1e-6
+        assert all(torch.equal(tb[k], tc[k]) for k in tb)
 
 
 def test_bf16_autocast_tracks_fp32_and_fsdp2_mixed_precision_runs(tmp_path):
@@ -416,7 +416,9 @@ def test_bf16_autocast_tracks_fp32_and_fsdp2_mixed_precision_runs(tmp_path):
         loop.train(tiny_cfg(f"compute_precision.autocast={mode}"), tmp_path / mode, data="bundled:train", quiet=True)
     fp32, bf16 = ([float(r["total_loss"]) for r in read_metrics(tmp_path / m)] for m in ("fp32", "bf16"))
     assert all(math.isfinite(v) for v in bf16)
-    assert bf16 == pytest.approx(fp32, rel=3e-2)  # measured ≤ 0.4 %: AMD EPYC (AVX2), avx2 and default kernels
+    # measured ≤ 0.4 % (AMD EPYC, AVX2: avx2 and default kernels); a step taken wrongly moves the losses 4.7 % and
+    # no training at all 25 % (FP16_TOL below), so 1.5 % leaves room for other kernels and still catches either
+    assert bf16 == pytest.approx(fp32, rel=1.5e-2)
     assert bf16 != fp32  # autocast did change the arithmetic
 
     common = TINY + [
@@ -428,7 +430,7 @@ def test_bf16_autocast_tracks_fp32_and_fsdp2_mixed_precision_runs(tmp_path):
     _spawn(1, tmp_path / "one", common + ["train.batch_size_per_gpu=8"])
     _spawn(2, tmp_path / "two", common + ["train.batch_size_per_gpu=4", "train.distributed=fsdp"])
     one, two = ([float(r["total_loss"]) for r in read_metrics(tmp_path / m)] for m in ("one", "two"))
-    assert two == pytest.approx(one, rel=1e-2)  # measured ≤ 0.2 %: AMD EPYC (AVX2), avx2 and default kernels
+    assert two == pytest.approx(one, rel=1e-2)  # measured ≤ 0.2 % (AVX2); a wrong step moves them 4.7 %
 
 
 # fp16 run against the fp32 run with the same skipped step, per metric. fp16 rounds each operation to 2^-11 ≈ 5e-4

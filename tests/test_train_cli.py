@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -192,7 +191,7 @@ def _logged_iterations(out: Path) -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], KILL_HIGHRES], ids=["one_size", "highres"])
-def test_sigkill_mid_checkpoint_and_mid_run_then_resume_is_bit_identical(tmp_path, extra):
+def test_sigkill_mid_checkpoint_and_mid_run_then_resume_is_bit_identical(tmp_path, extra, kill_points):
     """One uninterrupted run; another killed (SIGKILL) while writing its checkpoint of iteration 5, resumed and killed
     again at a random iteration, then given an unreadable newest checkpoint and resumed to the end: same metrics.csv
     and teacher, bit for bit; no checkpoint is ever left half-written. With crops.highres the random kill lands
@@ -214,20 +213,21 @@ def test_sigkill_mid_checkpoint_and_mid_run_then_resume_is_bit_identical(tmp_pat
     assert load_checkpoint(ckpts / "model_0000002.pth")["iteration"] == 2
 
     # 2. resumed (from iteration 3), killed once a random iteration past the next checkpoint is logged
-    kill_at = random.Random(time.time_ns()).randint(6, 20)
+    kill_at = kill_points.randint(6, 20)
+    why = f"kill at iteration {kill_at}, {kill_points}"
     resume = [sys.executable, "-m", "dinoforge", *args, "--resume"]
     proc = subprocess.Popen(resume, env=CLI_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _kill_when(proc, lambda: _logged_iterations(part) > kill_at, f"iteration {kill_at}")
+    _kill_when(proc, lambda: _logged_iterations(part) > kill_at, why)
     newest = list_checkpoints(ckpts)[-1]
-    assert 5 <= load_checkpoint(newest)["iteration"] < _logged_iterations(part), (kill_at, newest)
+    assert 5 <= load_checkpoint(newest)["iteration"] < _logged_iterations(part), (why, newest)
 
     # 3. a newer checkpoint that does not read (cut short by a copy, a full disk): skipped, with a warning
     bad = ckpts / "model_0000099.pth"
     bad.write_bytes(newest.read_bytes()[:1000])
     expected_start = load_checkpoint(newest)["iteration"] + 1
     r = run_cli(*args, "--resume", timeout=300)
-    assert r.returncode == 0, (kill_at, r.stderr[-3000:])
+    assert r.returncode == 0, (why, r.stderr[-3000:])
     warnings = _stderr_lines(r, "warning: skipping a newer checkpoint")
-    assert len(warnings) == 1 and str(bad) in warnings[0], (kill_at, r.stderr)
-    assert f"resuming from {newest} at iteration {expected_start}" in r.stderr, (kill_at, r.stderr)
+    assert len(warnings) == 1 and str(bad) in warnings[0], (why, r.stderr)
+    assert f"resuming from {newest} at iteration {expected_start}" in r.stderr, (why, r.stderr)
     assert_same_run(ref, part)

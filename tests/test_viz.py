@@ -14,7 +14,7 @@ from dinoforge.models import DinoVisionTransformer
 from dinoforge.viz.attention import attention_entropy, attention_figure, cls_attention
 from dinoforge.viz.common import PatchFeatures, patch_features, pca
 from dinoforge.viz.matching import compute_matches, match_figure, mutual_nearest_neighbors
-from dinoforge.viz.pca import foreground_masks, pca_figure, pca_rgb
+from dinoforge.viz.pca import compute_pca, draw_pca, foreground_masks, pca_figure, pca_rgb
 
 
 def _tiny(registers=0):
@@ -188,6 +188,20 @@ def test_figures_written(tmp_path):
     _png_ok(p)
     _png_ok(match_figure(model, imgs[0], imgs[1], tmp_path / "m.png", size=32))
     _png_ok(attention_figure(model, imgs[:2], tmp_path / "a.png", size=32))
+
+
+def test_pca_figure_shows_each_patch_in_its_pca_colour(tmp_path):
+    """The PNG holds every foreground patch's PCA colour as a block of pixels (matplotlib rounds to 8 bits), so the
+    panel shows the computed map and not the input or the mask drawn again."""
+    result = compute_pca(_tiny(registers=2), [_photo(i) for i in range(3)], size=32)
+    png = np.asarray(Image.open(draw_pca(result, tmp_path / "pca.png")).convert("RGB")).reshape(-1, 3)
+    colours, counts = np.unique(png, axis=0, return_counts=True)
+    shown = colours[counts >= 16].astype(int)  # a patch is drawn about 30 px wide; text edges are a few pixels
+    for rgb, mask in zip(result.rgb, result.masks, strict=True):
+        assert 3 <= mask.sum() < mask.size  # a split into foreground and background
+        wanted = np.unique(np.round(rgb[mask] * 255).astype(int), axis=0)
+        off = np.abs(wanted[:, None, :] - shown[None, :, :]).max(-1).min(1)
+        assert off.max() <= 1, wanted[off > 1]
 
 
 def test_viz_cli(tmp_path):
