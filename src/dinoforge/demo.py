@@ -13,6 +13,7 @@ from dinoforge.data.datasets import BundledDataset
 from dinoforge.eval.knn import backbone_knn_top1, knn_callback, knn_evaluate
 from dinoforge.models.weights import build_backbone, load_backbone
 from dinoforge.train.loop import train
+from dinoforge.train.schedules import total_iterations
 from dinoforge.utils import eprint, write_json
 
 KNN_K = 20
@@ -41,7 +42,7 @@ def run_demo(output_dir: Path, overrides: list[str], epochs: int | None = None) 
     size = cfg.crops.global_crops_size
     eprint(
         f"[demo] pretraining a ViT (dim {cfg.student.embed_dim}, depth {cfg.student.depth}, patch "
-        f"{cfg.student.patch_size}) on the bundled Fashion-MNIST subset for {cfg.optim.epochs} epochs, "
+        f"{cfg.student.patch_size}) on the bundled Fashion-MNIST subset for {total_iterations(cfg)} steps, "
         f"k-NN every {cfg.evaluation.eval_period_iterations} steps"
     )
     periodic = knn_callback("bundled:train", "bundled:val", k=KNN_K, image_size=size)
