@@ -125,7 +125,7 @@ def test_readme_jobs_run_as_written(tmp_path):
     job2 = next(b for b in bash if "dinoforge train --data my_images" in b)
     job3 = next(b for b in bash if "curl" in b)
     job4 = next(b for b in bash if "dinoforge curate run" in b)
-    _shell(re.sub(r"--time \w+", "--time 20s", job2), tmp_path, env)
+    _shell(re.sub(r"--time \w+", "--time 45s", job2), tmp_path, env)
     assert (tmp_path / "runs" / "mine_features" / "features.npy").is_file()
 
     target = Path(re.search(r"-o (\S+)", job3.replace("\\\n", " ")).group(1).replace("~", str(tmp_path)))

@@ -162,6 +162,6 @@ def test_highres_presets_load_and_resolve(name):
 def test_bad_highres_settings_are_one_line_errors(tmp_path, monkeypatch, capsys, overrides, needle):
     hr = dict(kv.split("=") for kv in HIGHRES)
     hr.update(kv.split("=") for kv in overrides)
-    args = ["train", "-o", str(tmp_path), *TINY, *(f"{k}={v}" for k, v in hr.items())]
+    args = ["train", "-c", "demo", "-o", str(tmp_path), *TINY, *(f"{k}={v}" for k, v in hr.items())]
     assert_one_line_error(run_main(monkeypatch, capsys, *args), needle)
     assert not (tmp_path / "checkpoints").exists()
