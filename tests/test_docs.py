@@ -125,7 +125,7 @@ def test_readme_jobs_run_as_written(tmp_path):
     job2 = next(b for b in bash if "dinoforge train --data my_images" in b)
     job3 = next(b for b in bash if "curl" in b)
     job4 = next(b for b in bash if "dinoforge curate run" in b)
-    _shell(re.sub(r"--time \w+", "--time 45s", job2), tmp_path, env)
+    _shell(re.sub(r"--time \w+", "--time 90s", job2), tmp_path, env)
     assert (tmp_path / "runs" / "mine_features" / "features.npy").is_file()
 
     target = Path(re.search(r"-o (\S+)", job3.replace("\\\n", " ")).group(1).replace("~", str(tmp_path)))
@@ -135,7 +135,8 @@ def test_readme_jobs_run_as_written(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.split() == ["torch.Size([1,", "384])", "(24,", "384)"]
 
-    _shell(re.sub(r"--time \w+", "--time 20s", job4), tmp_path, env)
+    job4 = job4.replace("configs/", f"{ROOT}/configs/")  # README runs it from the repository's root
+    _shell(re.sub(r"--time \w+", "--time 90s", job4), tmp_path, env)
     manifest = (tmp_path / "runs" / "curate" / "manifest.jsonl").read_text().splitlines()
     assert 0 < len(manifest) <= 24 and (tmp_path / "runs" / "curated" / "teacher_backbone.safetensors").is_file()
     assert Image.open(images / "cat.jpg").size == (200, 150)
