@@ -53,7 +53,8 @@ def run_demo(output_dir: Path, overrides: list[str], epochs: int | None = None) 
     trained = load_backbone(summary_train["teacher"])
     torch.manual_seed(cfg.train.seed)
     random_init = build_backbone(trained.arch)
-    random_init.init_weights(cfg.student.init)  # the same net as drawn before training, by the recipe's init
+    if cfg.student.init != "official":  # as SSLMetaArch draws it: the very weights the teacher started from
+        random_init.init_weights(cfg.student.init)
     # evaluated at the global crop size, the resolution the model was trained at (as official: 224 px); the trained
     # teacher's k-NN is the training's final evaluation (the same callback)
     knn_trained = {k.removeprefix("knn_top1_"): v for k, v in summary_train["eval"].items()}
